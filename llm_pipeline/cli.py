@@ -12,7 +12,8 @@ from pathlib import Path
 from .config import SOURCES, ConfigError, Paths, load_params
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_HELP', 'build_parser', 'user_errors', 'main']
+__all__ = ['STAGES', 'STAGE_HELP', 'PIPELINE', 'run_stage', 'run_pipeline', 'scratch_project', 'build_parser', 'user_errors',
+           'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 STAGES = {  # CLI name: (module, function); DVC's stage name is the function name
@@ -21,6 +22,10 @@ STAGES = {  # CLI name: (module, function); DVC's stage name is the function nam
     "process-platypus-data": ("llm_pipeline.data", "process_platypus_data"),
     "data-split": ("llm_pipeline.split", "data_split"),
     "merge-data": ("llm_pipeline.split", "merge_data"),
+    "build-base": ("llm_pipeline.model", "build_base"),
+    "train": ("llm_pipeline.train", "train"),
+    "merge-model": ("llm_pipeline.merge", "merge_model"),
+    "sanity-check": ("llm_pipeline.evaluate", "sanity_check"),
 }
 STAGE_HELP = {
     "generate-identity-data": "identity Q&A about the fine-tuned model -> data/processed/identity.jsonl",
@@ -28,9 +33,41 @@ STAGE_HELP = {
     "process-platypus-data": "Open-Platypus subset to chat rows -> data/processed/platypus.jsonl",
     "data-split": "one source's train/val split by group -> data/split/{train,val}_<source>.jsonl",
     "merge-data": "merge, de-duplicate, shuffle -> data/final/{train,val}.jsonl",
+    "build-base": "the embedded tiny model + tokenizer, or a descriptor of the hub base -> models/base/",
+    "train": "LoRA / QLoRA SFT, resumable -> models/adapter/, dvclive/, reports/train/",
+    "merge-model": "merge the adapter into a full-precision base -> models/merged/",
+    "sanity-check": "evaluate base vs fine-tuned -> metrics/eval.json, reports/eval/generations.md",
 }
 
 # %% ../nbs/09_cli.ipynb #ae53bb11
+PIPELINE = ("generate-identity-data", "process-orca-data", "process-platypus-data", "data-split", "merge-data",
+            "build-base", "train", "merge-model", "sanity-check")  # dvc.yaml's order
+
+def run_stage(name: str, cfg, paths: Paths, **kw):
+    "Run one stage in-process (its module is imported only now)."
+    mod, fn = STAGES[name]
+    return getattr(importlib.import_module(mod), fn)(cfg, paths, **kw)
+
+def run_pipeline(cfg, paths: Paths, until: str = "sanity-check") -> dict:
+    "Run the stages in DAG order up to `until`, in-process: what `dvc repro` runs, without DVC (for notebooks and tests)."
+    if until not in PIPELINE: raise ValueError(f"until must be one of {', '.join(PIPELINE)}; got {until!r}")
+    results = {}
+    for name in PIPELINE:
+        if name == "data-split":
+            for s in SOURCES: results[f"{name}@{s}"] = run_stage(name, cfg, paths, source=s)
+        else: results[name] = run_stage(name, cfg, paths)
+        if name == until: break
+    return results
+
+def scratch_project(root: str | Path = ".", dest: str | Path | None = None) -> Paths:
+    "A throwaway project directory whose `data/samples` links to `root`'s: try params without touching the repo."
+    import tempfile
+    dest = Path(dest or tempfile.mkdtemp(prefix="llm-pipeline-"))
+    (dest/"data").mkdir(parents=True, exist_ok=True)
+    if not (dest/"data"/"samples").exists(): (dest/"data"/"samples").symlink_to(Path(root).resolve()/"data"/"samples")
+    return Paths(dest)
+
+# %% ../nbs/09_cli.ipynb #ab0b47a8
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-pipeline", description="Run one stage of the llm-pipeline DAG (as dvc.yaml does).")
     sub = p.add_subparsers(dest="stage", metavar="STAGE", required=True)
@@ -54,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         cfg = load_params(args.params)
-        mod, fn = STAGES[args.stage]
         kw = {"source": args.source} if args.stage == "data-split" else {}
-        result = getattr(importlib.import_module(mod), fn)(cfg, Paths(Path(args.params).resolve().parent), **kw)
+        result = run_stage(args.stage, cfg, Paths(Path(args.params).resolve().parent), **kw)
     except user_errors() as e:
         for line in str(e).splitlines(): print(f"llm-pipeline {args.stage}: error: {line}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

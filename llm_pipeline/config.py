@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
 __all__ = ['SOURCES', 'ConfigError', 'Section', 'check_subset_size', 'check_val_size', 'IdentityCfg', 'SourceCfg', 'SplitCfg',
@@ -116,9 +116,15 @@ class TrainCfg(Section):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the GPU supports it
 
+    @model_validator(mode="after")
+    def _eval_steps_with_steps(self):
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("train.eval_steps must be set when train.eval_strategy is 'steps'")
+        return self
+
 class EvalCfg(Section):
     "Greedy evaluation of the base and the fine-tuned model."
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(192, ge=1)
     max_generic_prompts: int = Field(60, ge=1)  # held-out non-identity prompts checked for name leaks
     prompts: list[str] = ["What is your name?", "Who created you?", "What is the capital of France?"]
 
