@@ -15,9 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['SOURCES', 'ConfigError', 'Section', 'check_subset_size', 'check_val_size', 'IdentityCfg', 'SourceCfg', 'SplitCfg',
-           'DataCfg', 'TinyCfg', 'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg', 'Config', 'format_error', 'parse_params',
-           'load_params', 'Paths']
+__all__ = ['PRESETS', 'SOURCES', 'ConfigError', 'Section', 'check_subset_size', 'check_val_size', 'IdentityCfg', 'SourceCfg',
+           'SplitCfg', 'DataCfg', 'TinyCfg', 'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg', 'Config', 'deep_merge',
+           'format_error', 'parse_params', 'load_params', 'Paths']
 
 # %% ../nbs/00_config.ipynb #830162a0
 class ConfigError(ValueError):
@@ -91,6 +91,7 @@ class LoraCfg(Section):
     alpha: int = Field(64, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Union[str, list[str]] = "all-linear"  # `all-linear` or module names
+    modules_to_save: Optional[list[str]] = None  # modules trained in full beside the adapters (e.g. new-token embeddings)
 
 class TrainCfg(Section):
     "TRL `SFTConfig` fields, plus where checkpoints live."
@@ -106,7 +107,9 @@ class TrainCfg(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     optim: str = "adamw_torch"
-    max_length: int = Field(512, ge=16)  # tokens; longer rows are truncated and counted
+    max_length: int = Field(512, ge=16)  # tokens per conversation
+    overlong: Literal["drop", "truncate"] = "drop"  # rows over max_length: drop them, or truncate (cutting off end-of-turn)
+    train_sampling_strategy: Literal["random", "group_by_length"] = "group_by_length"  # batches of similar length pad less
     packing: bool = False
     eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
     eval_steps: Optional[int] = Field(None, ge=1)
@@ -132,6 +135,7 @@ class EvalCfg(Section):
 class Config(Section):
     "The whole of `params.yaml`."
     seed: int = Field(42, ge=0)
+    preset: Optional[Literal["llama2-7b-chat", "llama2-13b-chat"]] = None  # a named recipe; see `PRESETS`
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()
     lora: LoraCfg = LoraCfg()
@@ -139,6 +143,26 @@ class Config(Section):
     eval: EvalCfg = EvalCfg()
 
 # %% ../nbs/00_config.ipynb #0e0a84a0
+_LLAMA2_QLORA = {
+    "model": {"quantization": "4bit", "revision": None},
+    "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear", "modules_to_save": None},
+    "train": {"optim": "paged_adamw_32bit", "learning_rate": 2e-4, "precision": "bf16", "lr_scheduler_type": "cosine",
+              "warmup_steps": 0.03, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4,
+              "max_length": 1024, "gradient_checkpointing": True, "eval_strategy": "epoch"},
+    "eval": {"max_new_tokens": 256},
+}
+PRESETS = {
+    "llama2-7b-chat": {**_LLAMA2_QLORA, "model": {**_LLAMA2_QLORA["model"], "base": "meta-llama/Llama-2-7b-chat-hf"}},
+    "llama2-13b-chat": {**_LLAMA2_QLORA, "model": {**_LLAMA2_QLORA["model"], "base": "meta-llama/Llama-2-13b-chat-hf"}},
+}
+
+def deep_merge(base: dict, over: dict) -> dict:
+    "`base` with `over`'s values taking precedence, recursively."
+    out = dict(base)
+    for k, v in over.items(): out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+# %% ../nbs/00_config.ipynb #64dc1edf
 def _section_at(loc: tuple) -> type[BaseModel] | None:
     "The params section class found by walking `loc` from `Config`."
     cls = Config
@@ -161,11 +185,12 @@ def format_error(err: dict) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     return f"{key}: {msg}; got {err['input']!r}"
 
-# %% ../nbs/00_config.ipynb #ecdaed79
+# %% ../nbs/00_config.ipynb #eea4b85c
 def parse_params(raw: Any, origin: str = "params") -> Config:
     "Validate a params mapping into a `Config`, or raise `ConfigError` with one line per problem."
     if raw is None: raw = {}
     if not isinstance(raw, dict): raise ConfigError(f"{origin}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    if isinstance(raw.get("preset"), str) and raw["preset"] in PRESETS: raw = deep_merge(raw, PRESETS[raw["preset"]])
     try: return Config.model_validate(raw)
     except ValidationError as e:
         # a bad value inside a union is reported once per member: keep the first line per key
@@ -187,7 +212,7 @@ def load_params(path: str | Path = "params.yaml") -> Config:
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     return parse_params(raw, str(path))
 
-# %% ../nbs/00_config.ipynb #63432991
+# %% ../nbs/00_config.ipynb #b3a1126c
 SOURCES = ("identity", "orca", "platypus")
 
 @dataclass(frozen=True)

@@ -75,13 +75,14 @@ def build_tiny_model(tokenizer, tiny: TinyCfg, seed: int):
                          num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads, num_key_value_heads=tiny.num_heads,
                          head_dim=tiny.hidden_size // tiny.num_heads, max_position_embeddings=tiny.max_position_embeddings,
                          rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         initializer_range=tiny.hidden_size ** -0.5,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     set_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
     for k in ("pad_token_id", "bos_token_id", "eos_token_id"): setattr(model.generation_config, k, getattr(tokenizer, k))
     return model
 
-# %% ../nbs/04_model.ipynb #900f253d
+# %% ../nbs/04_model.ipynb #da202020
 BASE_FILE = "llm_pipeline_base.json"
 
 def is_tiny(m: ModelCfg) -> bool: return m.base == "tiny"
@@ -102,7 +103,7 @@ def base_descriptor(cfg: Config, paths: Paths) -> dict:
     if p.is_dir(): return {"kind": "local", "path": m.base, "fingerprint": dir_fingerprint(p)}
     return {"kind": "hub", "id": m.base, "revision": m.revision or "main", "pinned": m.revision is not None}
 
-# %% ../nbs/04_model.ipynb #da202020
+# %% ../nbs/04_model.ipynb #f63472f1
 def build_base(cfg: Config, paths: Paths) -> dict:
     "Write `models/base/`: the tiny model and tokenizer, or a descriptor of the hub / local base."
     out = paths.root/"models"/"base"
@@ -121,7 +122,7 @@ def build_base(cfg: Config, paths: Paths) -> dict:
     write_json(out/BASE_FILE, desc)
     return desc
 
-# %% ../nbs/04_model.ipynb #4c26faf5
+# %% ../nbs/04_model.ipynb #821d8804
 def compute_dtype(precision: str = "auto"):
     "bf16 where the GPU supports it, else fp16 on a GPU, fp32 on a CPU (or what `precision` asks for)."
     import torch
@@ -137,7 +138,7 @@ def quantization_config(quantization: str, dtype=None):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype or compute_dtype())
 
-# %% ../nbs/04_model.ipynb #821d8804
+# %% ../nbs/04_model.ipynb #d2274a95
 def base_source(cfg: Config, paths: Paths) -> tuple[str, dict]:
     "Where `from_pretrained` loads the base from, with the keyword arguments that pin it."
     m = cfg.model

@@ -17,7 +17,7 @@ from .model import BASE_FILE, compute_dtype, load_base_model, load_tokenizer
 __all__ = ['MARKER', 'NOT_IN_FINGERPRINT', 'file_sha256', 'run_fingerprint', 'fingerprint_diff', 'checkpoint_step',
            'scan_checkpoints', 'other_runs', 'plan_resume', 'CheckpointMarker', 'global_step_dvclive_callback',
            'use_dvclive', 'has_generation_tags', 'training_rows', 'sft_config', 'lora_config', 'token_lengths',
-           'length_report', 'plot_losses', 'train']
+           'fit_length', 'plot_losses', 'train']
 
 # %% ../nbs/05_train.ipynb #a35e9757
 MARKER = "llm_pipeline_complete.json"
@@ -147,7 +147,7 @@ def sft_config(cfg: Config, output_dir: Path, tok):
     dtype = compute_dtype(t.precision)
     keys = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-            "max_grad_norm", "optim", "max_length", "packing", "eval_strategy", "eval_steps", "save_steps",
+            "max_grad_norm", "optim", "max_length", "train_sampling_strategy", "packing", "eval_strategy", "eval_steps", "save_steps",
             "save_total_limit", "logging_steps", "gradient_checkpointing")
     return SFTConfig(
         output_dir=str(output_dir), **{k: getattr(t, k) for k in keys},
@@ -159,19 +159,27 @@ def sft_config(cfg: Config, output_dir: Path, tok):
 def lora_config(cfg: Config):
     from peft import LoraConfig
     l = cfg.lora
-    return LoraConfig(r=l.r, lora_alpha=l.alpha, lora_dropout=l.dropout, target_modules=l.target_modules, task_type="CAUSAL_LM")
+    return LoraConfig(r=l.r, lora_alpha=l.alpha, lora_dropout=l.dropout, target_modules=l.target_modules,
+                      modules_to_save=l.modules_to_save, task_type="CAUSAL_LM")
 
 # %% ../nbs/05_train.ipynb #1a15d521
 def token_lengths(rows: list[dict], tok) -> list[int]:
     "Tokens of each conversation as the trainer will see it."
     return [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
-def length_report(lengths: list[int], max_length: int) -> dict:
+def fit_length(rows: list[dict], lengths: list[int], max_length: int, overlong: str) -> tuple[list[dict], dict]:
+    "Rows (of token `lengths`) as training uses them under `train.max_length` / `train.overlong`, and a report of what was cut."
     over = [n for n in lengths if n > max_length]
-    return {"rows": len(lengths), "tokens": sum(min(n, max_length) for n in lengths), "max_length": max_length,
-            "longest": max(lengths, default=0), "truncated_rows": len(over), "truncated_tokens": sum(n - max_length for n in over)}
+    rep = {"rows": len(rows), "max_length": max_length, "overlong": overlong, "longest": max(lengths, default=0),
+           "overlong_rows": len(over), "overlong_tokens": sum(n - max_length for n in over)}
+    if overlong == "drop":
+        rows = [r for r, n in zip(rows, lengths) if n <= max_length]
+        rep["tokens"] = sum(n for n in lengths if n <= max_length)
+    else: rep["tokens"] = sum(min(n, max_length) for n in lengths)
+    rep["rows_used"] = len(rows)
+    return rows, rep
 
-# %% ../nbs/05_train.ipynb #b3b674dd
+# %% ../nbs/05_train.ipynb #76505bb0
 def plot_losses(log_history: list[dict], path: Path) -> None:
     "Training and validation loss against the global step, as a PNG."
     import matplotlib; matplotlib.use("Agg")
@@ -196,10 +204,12 @@ def train(cfg: Config, paths: Paths) -> dict:
     resume = plan_resume(root, fp)
     tok = load_tokenizer(cfg, paths)
     train_rows, val_rows = read_jsonl(paths.final("train")), read_jsonl(paths.final("val"))
-    lengths = length_report(token_lengths(train_rows, tok), cfg.train.max_length)
-    if lengths["truncated_rows"]:
-        print(f"train: {lengths['truncated_rows']} of {lengths['rows']} training rows exceed train.max_length="
-              f"{cfg.train.max_length} tokens and are truncated ({lengths['truncated_tokens']} tokens cut)", file=sys.stderr)
+    train_rows, lengths = fit_length(train_rows, token_lengths(train_rows, tok), cfg.train.max_length, cfg.train.overlong)
+    val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), cfg.train.max_length, cfg.train.overlong)
+    if lengths["overlong_rows"]:
+        print(f"train: {lengths['overlong_rows']} of {lengths['rows']} training rows exceed train.max_length="
+              f"{cfg.train.max_length} tokens: {'dropped' if cfg.train.overlong == 'drop' else 'truncated'} "
+              "(train.overlong)", file=sys.stderr)
     model = load_base_model(cfg, paths, tokenizer=tok)
     if cfg.model.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -208,6 +218,10 @@ def train(cfg: Config, paths: Paths) -> dict:
                          train_dataset=Dataset.from_list(training_rows(train_rows, tok)),
                          eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
                          processing_class=tok, peft_config=lora_config(cfg))
+    if cfg.model.quantization != "none" and compute_dtype(cfg.train.precision) == torch.float32:
+        # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); where compute is fp32 (a CPU) keep them fp32: 2.6x faster
+        for p in trainer.model.parameters():
+            if p.requires_grad: p.data = p.data.float()
     use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume))
     trainer.add_callback(CheckpointMarker(fp, live_dir))
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
