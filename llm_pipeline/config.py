@@ -63,8 +63,8 @@ class SplitCfg(Section):
 
 class DataCfg(Section):
     identity: IdentityCfg = IdentityCfg()
-    orca: SourceCfg = SourceCfg(source="data/samples/openorca.jsonl", subset_size=300)
-    platypus: SourceCfg = SourceCfg(source="data/samples/platypus.jsonl", subset_size=300)
+    orca: SourceCfg = SourceCfg(source="data/samples/openorca.jsonl")
+    platypus: SourceCfg = SourceCfg(source="data/samples/platypus.jsonl")
     split: SplitCfg = SplitCfg()
 
 # %% ../nbs/00_config.ipynb #94cb7156
@@ -127,7 +127,7 @@ class TrainCfg(Section):
 
 class EvalCfg(Section):
     "Greedy evaluation of the base and the fine-tuned model."
-    max_new_tokens: int = Field(192, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
     max_generic_prompts: int = Field(60, ge=1)  # held-out non-identity prompts checked for name leaks
     prompts: list[str] = ["What is your name?", "Who created you?", "What is the capital of France?"]
 
