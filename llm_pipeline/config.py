@@ -54,6 +54,8 @@ class SourceCfg(Section):
     subset_size: Optional[Union[int, float]] = None  # rows to keep: count, fraction or null (all)
     split: str = "train"  # hub split to read
     data_files: Optional[str] = None  # hub only: one file of the dataset (e.g. `1M-GPT4-Augmented.parquet`)
+    streaming: bool = False  # hub only: stream rows instead of downloading the dataset (for big ones)
+    shuffle_buffer: int = Field(10_000, ge=1)  # streaming only: the seeded shuffle draws from a window of this many rows
     _v = field_validator("subset_size", mode="before")(check_subset_size)
 
 class SplitCfg(Section):

@@ -19,9 +19,9 @@ from .config import Config, Paths, SourceCfg
 
 # %% auto #0
 __all__ = ['LOCAL_SUFFIXES', 'ORCA', 'PLATYPUS', 'DataError', 'Report', 'write_json', 'write_jsonl', 'read_jsonl', 'RowSource',
-           'Drop', 'JsonlSource', 'decode_json_line', 'JsonArraySource', 'ParquetSource', 'HubSource', 'open_source',
-           'Schema', 'row_problem', 'norm_text', 'prompt_key', 'short_hash', 'conversation_key', 'chat_row',
-           'subset_count', 'select_rows', 'process_source', 'process_orca_data', 'process_platypus_data',
+           'Drop', 'JsonlSource', 'decode_json_line', 'JsonArraySource', 'ParquetSource', 'HubSource', 'StreamSource',
+           'open_source', 'Schema', 'row_problem', 'norm_text', 'prompt_key', 'short_hash', 'conversation_key',
+           'chat_row', 'subset_count', 'select_rows', 'process_source', 'process_orca_data', 'process_platypus_data',
            'malformed_orca_fixture']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
@@ -77,10 +77,18 @@ def read_jsonl(path: Path) -> list[dict]:
 class RowSource:
     "Random access to the raw rows of one dataset."
     columns: set | None = None  # known up front for columnar formats
+    @property
+    def n_rows(self) -> int | None: return len(self)  # None: a stream that does not know its length
     def __len__(self) -> int: raise NotImplementedError
     def rows(self, idxs: list[int]) -> Iterator[tuple[int, str, Any]]:
         "Yield `(index, location, row)`; `row` is a dict, or a `Drop` reason when it cannot be decoded."
         raise NotImplementedError
+
+    def ordered(self, shuffle: bool, seed: int, chunk: int = 4096) -> Iterator[tuple[int, str, Any]]:
+        "Every row as `(index, location, row)`, in a permutation fixed by `seed` (file order when not `shuffle`), read in chunks."
+        n = len(self)
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n, chunk): yield from self.rows(order[start:start + chunk].tolist())
 
 @dataclass(frozen=True)
 class Drop:
@@ -158,22 +166,48 @@ class HubSource(RowSource):
     def __init__(self, source: str, split: str = "train", data_files: str | None = None):
         import datasets
         try: self.ds = datasets.load_dataset(source, split=split, data_files=data_files)
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"{source}: could not load this dataset ({msg}). Offline? Point the source at a local "
-                            ".jsonl/.json/.parquet file, or run once with network access to fill the HF cache") from None
+        except Exception as e: raise _load_error(source, e) from None
         self.columns = set(self.ds.column_names)
     def __len__(self): return len(self.ds)
     def rows(self, idxs):
         idxs = list(idxs)
         for i, row in zip(idxs, self.ds.select(idxs)): yield i, f"row {i}", row
 
-# %% ../nbs/01_data.ipynb #ef6f255b
+def _load_error(source: str, e: Exception) -> DataError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return DataError(f"{source}: could not load this dataset ({msg}). Offline? Point the source at a local "
+                     ".jsonl/.json/.parquet file, or run once with network access to fill the HF cache")
+
+# %% ../nbs/01_data.ipynb #39e14582
+class StreamSource(RowSource):
+    "A hub dataset (or dataset directory) streamed through `datasets`: only the rows examined are read."
+    def __init__(self, source: str, split: str = "train", data_files: str | None = None, shuffle_buffer: int = 10_000):
+        import datasets
+        self.source, self.split, self.buffer = source, split, shuffle_buffer
+        try: self.ds = datasets.load_dataset(source, split=split, data_files=data_files, streaming=True)
+        except Exception as e: raise _load_error(source, e) from None
+        self.columns = set(self.ds.column_names) if self.ds.column_names else None
+        info = (self.ds.info.splits or {}).get(split) if self.ds.info else None
+        self.n = info.num_examples if info is not None and info.num_examples else None
+    @property
+    def n_rows(self): return self.n
+    def ordered(self, shuffle, seed, chunk=4096):
+        ds = self.ds.shuffle(seed=seed, buffer_size=self.buffer) if shuffle else self.ds
+        it, i = iter(ds), 0
+        while True:
+            try: row = next(it)
+            except StopIteration: return
+            except Exception as e:
+                raise DataError(f"{self.source}: reading the stream failed after {i} rows ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            yield i, f"row {i}", row; i += 1
+
+# %% ../nbs/01_data.ipynb #063873a4
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 def open_source(source: str, paths: Paths, columns: Iterable[str], split: str = "train",
-                data_files: str | None = None) -> RowSource:
-    "Open `source`: a local file (by suffix), a local dataset directory, or a hub dataset id (`org/name`)."
+                data_files: str | None = None, streaming: bool = False, shuffle_buffer: int = 10_000) -> RowSource:
+    "Open `source`: a local file (by suffix, always read lazily), a local dataset directory, or a hub dataset id (`org/name`)."
     p = paths.resolve(source)
     if p.suffix.lower() in LOCAL_SUFFIXES:
         if not p.is_file(): raise DataError(f"{source}: file not found (looked at {p})")
@@ -181,10 +215,11 @@ def open_source(source: str, paths: Paths, columns: Iterable[str], split: str = 
         if p.suffix.lower() == ".json": return JsonArraySource(p)
         return ParquetSource(p, columns)
     if p.is_dir() or (source.count("/") == 1 and not source.startswith((".", "/"))):
-        return HubSource(str(p) if p.is_dir() else source, split, data_files)
+        name = str(p) if p.is_dir() else source
+        return StreamSource(name, split, data_files, shuffle_buffer) if streaming else HubSource(name, split, data_files)
     raise DataError(f"{source}: not a local .jsonl/.json/.parquet file, a dataset directory, or a hub id like org/name")
 
-# %% ../nbs/01_data.ipynb #063873a4
+# %% ../nbs/01_data.ipynb #81ffcee2
 @dataclass(frozen=True)
 class Schema:
     "An upstream dataset's schema and its conversion to chat rows."
@@ -207,7 +242,7 @@ def row_problem(row: dict, schema: Schema) -> str | None:
         if not row[c].strip(): return f"empty:{c}"
     return None
 
-# %% ../nbs/01_data.ipynb #c7f08526
+# %% ../nbs/01_data.ipynb #75db8091
 def _orca_messages(r: dict) -> list[dict]:
     sys_msg = [{"role": "system", "content": r["system_prompt"]}] if r["system_prompt"].strip() else []
     return sys_msg + [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["response"]}]
@@ -221,7 +256,7 @@ ORCA = Schema("OpenOrca", "orca", ("id", "system_prompt", "question", "response"
 PLATYPUS = Schema("Open-Platypus", "platypus", ("instruction", "input", "output", "data_source"), ("instruction", "output"),
                   _platypus_messages, lambda r: {"data_source": r["data_source"]})
 
-# %% ../nbs/01_data.ipynb #bc866c19
+# %% ../nbs/01_data.ipynb #4d1bb94e
 def norm_text(s: str) -> str:
     "Whitespace- and case-insensitive form of a text, for comparing prompts."
     return " ".join(s.split()).casefold()
@@ -242,7 +277,7 @@ def chat_row(schema: Schema, raw: dict) -> dict:
     return {"id": f"{schema.source}-{short_hash(conversation_key(msgs))}", "source": schema.source,
             "group": f"p-{short_hash(prompt_key(msgs))}", "messages": msgs, "meta": schema.meta(raw)}
 
-# %% ../nbs/01_data.ipynb #adb05076
+# %% ../nbs/01_data.ipynb #0abce91a
 def subset_count(subset_size: int | float | None, n: int) -> int:
     "How many rows `subset_size` asks for out of `n`."
     if subset_size is None: return n
@@ -251,35 +286,37 @@ def subset_count(subset_size: int | float | None, n: int) -> int:
 
 def select_rows(src: RowSource, schema: Schema, subset_size, seed: int, report: Report, chunk: int = 4096) -> list[dict]:
     "Validate rows in seeded order until `subset_size` valid, unique rows are kept; count every row in `report`."
-    n = len(src); want = subset_count(subset_size, n)
-    order = np.arange(n) if subset_size is None else np.random.default_rng(seed).permutation(n)
+    n = src.n_rows
+    if n is None and isinstance(subset_size, float):
+        raise DataError(f"subset_size {subset_size} is a fraction, but this stream does not know its row count: give a row count")
+    want = subset_count(subset_size, n) if n is not None else (subset_size or float("inf"))
     kept, seen, seen_cols, examined = {}, set(), set(), 0
-    report.rows_in = n
-    with tqdm(total=want, desc=f"{schema.source}: selecting", unit="row", disable=None, leave=False) as bar:
-        for start in range(0, n, chunk):
+    with tqdm(total=want if n is not None or subset_size else None, desc=f"{schema.source}: selecting",
+              unit="row", disable=None, leave=False) as bar:
+        for i, where, raw in src.ordered(subset_size is not None, seed, chunk):
             if len(kept) >= want: break
-            for i, where, raw in src.rows(order[start:start + chunk].tolist()):
-                if len(kept) >= want: break
-                examined += 1
-                if isinstance(raw, Drop): report.drop(raw.reason, where); continue
-                seen_cols.update(raw)
-                if (why := row_problem(raw, schema)): report.drop(why, where); continue
-                row = chat_row(schema, raw)
-                if (k := conversation_key(row["messages"])) in seen: report.drop("duplicate", where); continue
-                seen.add(k); kept[i] = row; bar.update(1)
-    if n - examined: report.drop("not_sampled", n=n - examined)
+            examined += 1
+            if isinstance(raw, Drop): report.drop(raw.reason, where); continue
+            seen_cols.update(raw)
+            if (why := row_problem(raw, schema)): report.drop(why, where); continue
+            row = chat_row(schema, raw)
+            if (k := conversation_key(row["messages"])) in seen: report.drop("duplicate", where); continue
+            seen.add(k); kept[i] = row; bar.update(1)
+    report.rows_in = n if n is not None else examined
+    if n is None and len(kept) >= want: report.extra["stream"] = f"read {examined} rows; the stream's length is unknown, the rest was not read"
+    if report.rows_in - examined: report.drop("not_sampled", n=report.rows_in - examined)
     missing = [c for c in schema.columns if c not in (src.columns if src.columns is not None else seen_cols)]
     if not kept and missing and (src.columns is not None or seen_cols):
         raise DataError(f"not in the {schema.name} schema: missing columns {', '.join(missing)} "
                         f"(found: {', '.join(sorted(src.columns or seen_cols)) or 'none'})")
     report.rows_out = len(kept)
-    if len(kept) < want: report.extra["note"] = f"asked for {want} rows, only {len(kept)} valid rows exist"
+    if len(kept) < want != float("inf"): report.extra["note"] = f"asked for {want} rows, only {len(kept)} valid rows exist"
     return [kept[i] for i in sorted(kept)]
 
-# %% ../nbs/01_data.ipynb #0abce91a
+# %% ../nbs/01_data.ipynb #9ec108b5
 def process_source(scfg: SourceCfg, schema: Schema, stage: str, cfg: Config, paths: Paths) -> dict:
     "Run one upstream source through open, select, convert; write its rows and its report."
-    src = open_source(scfg.source, paths, schema.columns, scfg.split, scfg.data_files)
+    src = open_source(scfg.source, paths, schema.columns, scfg.split, scfg.data_files, scfg.streaming, scfg.shuffle_buffer)
     if src.columns is not None and (missing := [c for c in schema.columns if c not in src.columns]):
         raise DataError(f"{scfg.source}: not in the {schema.name} schema: missing columns {', '.join(missing)} "
                         f"(found: {', '.join(sorted(src.columns))})")
@@ -297,7 +334,7 @@ def process_platypus_data(cfg: Config, paths: Paths) -> dict:
     "Open-Platypus (`instruction, input, output, data_source`) to chat rows, `input` kept."
     return process_source(cfg.data.platypus, PLATYPUS, "process_platypus_data", cfg, paths)
 
-# %% ../nbs/01_data.ipynb #d5df4bf2
+# %% ../nbs/01_data.ipynb #a440a784
 def malformed_orca_fixture(path: Path) -> dict:
     "Write a JSONL file with valid and broken OpenOrca rows; return the drop reasons it should produce."
     good = lambda i, **kw: json.dumps({"id": f"t.{i}", "system_prompt": "You are helpful.", "question": f"Question {i}?",
