@@ -6,7 +6,7 @@ Docs: https://llm-pipeline.github.io/llm-pipeline/cli.html.md"""
 
 # %% ../nbs/09_cli.ipynb #7943730e
 from __future__ import annotations
-import argparse, importlib, sys, time
+import argparse, importlib, subprocess, sys, time
 from pathlib import Path
 
 from .config import SOURCES, ConfigError, Paths, load_params
@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         cfg = load_params(args.params)
+        if args.stage == "train":  # one process per GPU: re-run this stage under the launcher params ask for
+            from llm_pipeline.distributed import launch_command
+            if cmd := launch_command(cfg, ["train", "--params", str(Path(args.params).resolve())]):
+                print(f"llm-pipeline train: launching {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+                return subprocess.call(cmd)
         kw = {"source": args.source} if args.stage == "data-split" else {}
         result = run_stage(args.stage, cfg, Paths(Path(args.params).resolve().parent), **kw)
     except user_errors() as e:

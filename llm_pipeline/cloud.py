@@ -13,15 +13,15 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import yaml
 
-from .config import Config, ConfigError, parse_params
+from .config import Config, ConfigError, parse_params, read_params
 
 # %% auto #0
 __all__ = ['TASK_FILES', 'REQUIRED_SECRETS', 'SHAPES', 'WEIGHT_BYTES', 'OPTIM_BYTES', 'GIB', 'GPU_SPECS', 'CloudError', 'Launch',
-           'set_dotted', 'params_env', 'task_config', 'secrets_from_env', 'repo_envs', 'build_task', 'ModelShape',
-           'model_shape', 'lora_params', 'optim_kind', 'MemoryEstimate', 'estimate_memory', 'estimate_for',
-           'train_tokens', 'train_hours', 'gpu_options', 'write_fixture_catalog', 'optimize_offline', 'Backend',
-           'SkyBackend', 'RecordingBackend', 'LogFollower', 'pull_experiment', 'experiments', 'parse_overrides',
-           'ControlPanel']
+           'set_dotted', 'params_env', 'task_config', 'secrets_from_env', 'public_url', 'repo_envs', 'build_task',
+           'ModelShape', 'model_shape', 'lora_params', 'optim_kind', 'MemoryEstimate', 'estimate_memory',
+           'estimate_for', 'train_tokens', 'train_hours', 'gpu_options', 'write_fixture_catalog', 'optimize_offline',
+           'Backend', 'SkyBackend', 'RecordingBackend', 'LogFollower', 'pull_experiment', 'experiments',
+           'parse_overrides', 'ControlPanel']
 
 # %% ../nbs/11_cloud.ipynb #500020f1
 class CloudError(ValueError):
@@ -56,7 +56,7 @@ def _yaml_value(v: Any) -> str:
 
 def params_env(params: dict, root: Path) -> str:
     "Validate params overrides against `root/params.yaml` and render the `PARAMS` env."
-    raw = yaml.safe_load((Path(root)/"params.yaml").read_text()) or {}
+    raw = read_params(Path(root)/"params.yaml") or {}
     for k, v in params.items(): set_dotted(raw, k, v)
     parse_params(raw, origin="params overrides")  # ConfigError: one line per problem, naming the key
     parts = [f"{k}={_yaml_value(v)}" for k, v in params.items()]
@@ -84,17 +84,22 @@ def secrets_from_env(kind: str, cfg: dict, env=None) -> dict:
 def _git(root: Path, *args) -> str:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
+def public_url(url: str) -> str:
+    "An https clone URL without credentials (the VM authenticates with the GIT_TOKEN secret)."
+    if m := re.fullmatch(r"(?:ssh://)?git@([^:/]+)[:/](.+)", url): url = f"https://{m[1]}/{m[2]}"
+    return re.sub(r"^(https?://)[^/@]+@", r"\1", url)   # a token in the local remote's URL never goes into the task
+
 def repo_envs(root: Path) -> dict:
     "`GIT_URL` (origin, as https) and `GIT_REF` (HEAD's commit) of the local checkout; a clear error when unpushed."
     try: url, sha = _git(root, "remote", "get-url", "origin"), _git(root, "rev-parse", "HEAD")
     except subprocess.CalledProcessError as e:
         raise CloudError(f"{root}: needs a git checkout with an 'origin' remote ({e.stderr.strip()})") from None
-    if m := re.fullmatch(r"git@([^:]+):(.+)", url): url = f"https://{m[1]}/{m[2]}"
+    url = public_url(url)
     if not _git(root, "branch", "-r", "--contains", sha):
         raise CloudError(f"commit {sha[:10]} is not on any branch of origin: `git push` it first (the VM clones it from {url})")
     return {"GIT_URL": url, "GIT_REF": sha}
 
-# %% ../nbs/11_cloud.ipynb #3508564e
+# %% ../nbs/11_cloud.ipynb #7edc768e
 def build_task(kind: str, root: Path, launch: Launch = Launch(), env=None):
     "A `sky.Task` from the task file of `kind`, with `launch`'s overrides and secrets from the environment."
     import sky
@@ -111,6 +116,9 @@ def build_task(kind: str, root: Path, launch: Launch = Launch(), env=None):
             raise CloudError(f"{TASK_FILES[kind]}: env {m[1]} is required; pass it in Launch.envs "
                              f"(or `--env {m[1]}=...` to `sky`)") from None
         raise CloudError(f"{TASK_FILES[kind]}: {msg}") from None
+    # SkyPilot's clone script checks out GIT_COMMIT_HASH (a full clone) or GIT_BRANCH (shallow); its CLI sets them, the SDK does not
+    ref = task.envs.get("GIT_REF", "")
+    if ref: task.update_envs({"GIT_COMMIT_HASH" if re.fullmatch(r"[0-9a-f]{40}", ref) else "GIT_BRANCH": ref})
     over = {k: v for k, v in (("accelerators", launch.accelerators), ("use_spot", launch.use_spot)) if v is not None}
     if over: task.set_resources_override(over)
     if launch.num_nodes is not None:
@@ -118,7 +126,7 @@ def build_task(kind: str, root: Path, launch: Launch = Launch(), env=None):
         task.num_nodes = launch.num_nodes
     return task
 
-# %% ../nbs/11_cloud.ipynb #7ab42522
+# %% ../nbs/11_cloud.ipynb #3b3f022c
 @dataclass(frozen=True)
 class ModelShape:
     "The dimensions of a Llama-architecture model that drive memory and compute."
@@ -165,7 +173,7 @@ def model_shape(cfg: Config, root: Path | None = None) -> ModelShape:
                           c.get("num_key_value_heads", c["num_attention_heads"]), c["intermediate_size"])
     raise CloudError(f"model.base {m.base!r}: shape unknown offline; known: {', '.join(sorted(SHAPES))}, or a local dir with config.json")
 
-# %% ../nbs/11_cloud.ipynb #3e5a646b
+# %% ../nbs/11_cloud.ipynb #745686d6
 WEIGHT_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "4bit-nodq": 0.5 + 4 / 64, "8bit": 1.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
 OPTIM_BYTES = {"adamw": 8.0, "adamw_8bit": 2.0, "sgd": 0.0}
 GIB = 2**30
@@ -222,7 +230,7 @@ def estimate_for(cfg: Config, root: Path | None = None, dtype: str | None = None
                            l.modules_to_save, t.per_device_train_batch_size, t.max_length,
                            t.gradient_checkpointing, t.optim, dt)
 
-# %% ../nbs/11_cloud.ipynb #91d1e107
+# %% ../nbs/11_cloud.ipynb #d30b37ae
 # dense bf16/fp16 tensor-core peak (TFLOPS) and memory (GiB) from vendor datasheets, for the time estimate
 GPU_SPECS = {"T4": (65, 16), "L4": (121, 24), "A10G": (70, 24), "A10": (125, 24), "V100": (125, 16), "V100-32GB": (125, 32),
              "A100": (312, 40), "A100-80GB": (312, 80), "L40S": (362, 48), "A6000": (155, 48), "H100": (989, 80),
@@ -247,7 +255,7 @@ def train_hours(shape: ModelShape, tokens: float, accelerator: str, count: int =
     flops = (4 + 2 * gradient_checkpointing) * shape.n_params * tokens
     return flops / (spec[0] * 1e12 * mfu * count) / 3600
 
-# %% ../nbs/11_cloud.ipynb #4fbd8038
+# %% ../nbs/11_cloud.ipynb #c3a870cd
 def gpu_options(est: MemoryEstimate, shape: ModelShape, tokens: float, clouds=None, mfu: float = 0.3,
                 gradient_checkpointing: bool = True, headroom: float = 0.9) -> list[dict]:
     "One row per GPU type in the catalog: memory, fits, cheapest offer, hours and total cost, cheapest fitting first."
@@ -268,7 +276,7 @@ def gpu_options(est: MemoryEstimate, shape: ModelShape, tokens: float, clouds=No
                      "usd_total": None if hours is None else round(hours * (spot if spot is not None else o.price), 2)})
     return sorted(rows, key=lambda r: (not r["fits"], r["usd_total"] if r["usd_total"] is not None else math.inf))
 
-# %% ../nbs/11_cloud.ipynb #0f6e768a
+# %% ../nbs/11_cloud.ipynb #9b3f9453
 def write_fixture_catalog(runtime_dir: Path) -> Path:
     "A small SkyPilot price catalog under `runtime_dir/.sky/catalogs/v8` (for tests and offline demos)."
     base = Path(runtime_dir)/".sky"/"catalogs"/"v8"
@@ -288,7 +296,7 @@ def write_fixture_catalog(runtime_dir: Path) -> Path:
     (base/"common"/"metadata.csv").write_text("GPU,MemoryGB,Manufacturer\n" + "A10,24,NVIDIA\nA100,40,NVIDIA\nH100,80,NVIDIA\nL4,24,NVIDIA\nRTX4000-Ada,20,NVIDIA\n")
     return base
 
-# %% ../nbs/11_cloud.ipynb #9b3f9453
+# %% ../nbs/11_cloud.ipynb #a374dcd1
 def optimize_offline(task, candidates: Iterable[str], hours: Callable[[str], float | None], clouds: Iterable[str]):
     "Run SkyPilot's optimizer in-process over `candidates` (accelerator names) for `task`; return the chosen `Resources`."
     from sky import check, clouds as sky_clouds, optimizer
@@ -306,7 +314,7 @@ def optimize_offline(task, candidates: Iterable[str], hours: Callable[[str], flo
         return task.best_resources
     finally: check.get_cached_enabled_clouds_or_refresh = saved
 
-# %% ../nbs/11_cloud.ipynb #a374dcd1
+# %% ../nbs/11_cloud.ipynb #f2389741
 class Backend(Protocol):
     "What the control panel needs from a cloud."
     def launch_dev(self, task, cluster: str, idle_minutes: int) -> str: ...
@@ -356,9 +364,9 @@ class SkyBackend:
             if line is not None: yield line
     def stop(self, cluster): self.sky.get(self.sky.stop(cluster))
     def down(self, cluster): self.sky.get(self.sky.down(cluster))
-    def cancel(self, job): self.sky.get(self.sky.jobs.cancel(job_ids=[int(job)]))
+    def cancel(self, job): self.sky.get(self.sky.jobs.cancel(job_ids=[int(job)], graceful=True))  # lets the last checkpoint upload
 
-# %% ../nbs/11_cloud.ipynb #f6a8760a
+# %% ../nbs/11_cloud.ipynb #d82b640e
 class RecordingBackend:
     "An in-memory cloud: records every call, keeps clusters and jobs, serves scripted log lines."
     def __init__(self, log_lines: list[str] | None = None, line_delay: float = 0.0):
@@ -384,7 +392,7 @@ class RecordingBackend:
     def down(self, cluster): self.calls.append(("down", cluster)); self._clusters.pop(cluster)
     def cancel(self, job): self.calls.append(("cancel", job)); self._jobs[job]["status"] = "CANCELLED"
 
-# %% ../nbs/11_cloud.ipynb #f2389741
+# %% ../nbs/11_cloud.ipynb #db78e185
 class LogFollower:
     "Consume a log iterator in a daemon thread, calling `on_line` for each line; `stop()` ends it."
     def __init__(self, lines: Iterator[str], on_line: Callable[[str], None], on_done: Callable[[], None] | None = None):
@@ -403,7 +411,7 @@ class LogFollower:
     @property
     def running(self) -> bool: return self.thread.is_alive()
 
-# %% ../nbs/11_cloud.ipynb #cee7c923
+# %% ../nbs/11_cloud.ipynb #0a2acb56
 def _dvc(root: Path, *args) -> str:
     r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
     if r.returncode: raise CloudError(f"dvc {' '.join(args)}: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else r.returncode}")
@@ -432,7 +440,7 @@ def experiments(root: Path) -> list[dict]:
             for rev in e.get("revs") or []: add(rev, e.get("name") or rev.get("name"))
     return rows
 
-# %% ../nbs/11_cloud.ipynb #c02c3c21
+# %% ../nbs/11_cloud.ipynb #9e011143
 def _html_table(rows: list[dict]) -> str:
     if not rows: return "<i>none</i>"
     cols = list(rows[0])
@@ -488,14 +496,19 @@ class ControlPanel:
         self.status.value = f"<span style='color:{'#b00' if error else '#060'}'>{msg}</span>"
 
     def act(self, name: str):
-        "What a button does (errors become a red status line, never a traceback)."
+        "What a button does (errors, SkyPilot's included, become a red status line, never a traceback)."
         try: getattr(self, "do_" + name.lower().replace(" ", "_"))()
-        except (CloudError, ConfigError, ValueError) as e: self.say(str(e).splitlines()[0], error=True)
+        except (CloudError, ConfigError) as e: self.say(str(e).splitlines()[0], error=True)
+        except Exception as e: self.say(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", error=True)
 
-    def _background(self, fn, done_msg):
+    def _background(self, fn, done_msg, button: str | None = None):
+        "Run `fn` in a worker thread (the kernel stays free); `button` is disabled meanwhile, so a double click cannot launch twice."
+        if button: self.buttons[button].disabled = True
         def run():
             try: fn(); self.say(done_msg); self.do_refresh()
             except Exception as e: self.say(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", error=True)
+            finally:
+                if button: self.buttons[button].disabled = False
         t = threading.Thread(target=run, daemon=True); t.start(); self._threads.append(t)
         return t
 
@@ -510,7 +523,7 @@ class ControlPanel:
                       params=parse_overrides(self.params.value) if self.kind.value == "train" else {})
 
     def do_estimate(self):
-        raw = yaml.safe_load((self.root/"params.yaml").read_text()) or {}
+        raw = read_params(self.root/"params.yaml") or {}
         for k, v in parse_overrides(self.params.value).items(): set_dotted(raw, k, v)
         cfg = parse_params(raw)
         est, shape = estimate_for(cfg, self.root), model_shape(cfg, self.root)
@@ -528,11 +541,11 @@ class ControlPanel:
         if self.kind.value == "train":
             name = self.exp.value.strip()
             self.say(f"launching managed job {name} on {_resources_str(task)} ...")
-            return self._background(lambda: self.backend.launch_job(task, name), f"job {name} launched")
+            return self._background(lambda: self.backend.launch_job(task, name), f"job {name} launched", "Launch")
         name = self.cluster.value.strip()
         port = task.envs.get("JUPYTER_PORT", "8888")
         self.say(f"launching dev box {name} ...")
-        return self._background(lambda: self.backend.launch_dev(task, name, self.idle.value),
+        return self._background(lambda: self.backend.launch_dev(task, name, self.idle.value), button="Launch", done_msg=
                                 f"dev box {name} is up: <code>ssh -N -L {port}:127.0.0.1:{port} {name}</code>, then "
                                 f"http://127.0.0.1:{port}/lab with your JUPYTER_TOKEN")
 
@@ -558,9 +571,9 @@ class ControlPanel:
         self.follower = LogFollower(self.backend.logs(kind, target), on_line)
         self.say(f"following the logs of {kind} {target}")
 
-    def do_stop(self): self.backend.stop(self._selected("cluster")[1]); self.do_refresh(); self.say("stopped (disk kept)")
-    def do_down(self): self.backend.down(self._selected("cluster")[1]); self.do_refresh(); self.say("torn down")
-    def do_cancel(self): self.backend.cancel(self._selected("job")[1]); self.do_refresh(); self.say("cancelled")
+    def do_stop(self): c = self._selected("cluster")[1]; return self._background(lambda: self.backend.stop(c), f"{c} stopped (disk kept)")
+    def do_down(self): c = self._selected("cluster")[1]; return self._background(lambda: self.backend.down(c), f"{c} torn down")
+    def do_cancel(self): j = self._selected("job")[1]; return self._background(lambda: self.backend.cancel(j), f"job {j} cancelled")
 
     def do_pull_results(self):
         name = self.exp.value.strip()

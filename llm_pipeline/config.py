@@ -15,9 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['PRESETS', 'SOURCES', 'ConfigError', 'Section', 'check_subset_size', 'check_val_size', 'IdentityCfg', 'SourceCfg',
-           'SplitCfg', 'DataCfg', 'TinyCfg', 'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg', 'Config', 'deep_merge',
-           'format_error', 'parse_params', 'load_params', 'Paths']
+__all__ = ['OPTIMIZERS', 'LR_SCHEDULES', 'PRESETS', 'SOURCES', 'ConfigError', 'Section', 'check_subset_size', 'check_val_size',
+           'IdentityCfg', 'SourceCfg', 'SplitCfg', 'DataCfg', 'TinyCfg', 'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg',
+           'Config', 'deep_merge', 'format_error', 'parse_params', 'read_params', 'load_params', 'Paths']
 
 # %% ../nbs/00_config.ipynb #830162a0
 class ConfigError(ValueError):
@@ -95,6 +95,16 @@ class LoraCfg(Section):
     target_modules: Union[str, list[str]] = "all-linear"  # `all-linear` or module names
     modules_to_save: Optional[list[str]] = None  # modules trained in full beside the adapters (e.g. new-token embeddings)
 
+# the optimizers and LR schedules transformers accepts (`OptimizerNames`, `SchedulerType`; a test keeps these in step),
+# so a typo fails here, in a second, and not after the model was loaded
+OPTIMIZERS = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd",
+                     "adagrad", "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+                     "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+                     "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "schedule_free_radam",
+                     "schedule_free_adamw", "schedule_free_sgd", "stable_adamw"]
+LR_SCHEDULES = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                       "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+
 class TrainCfg(Section):
     "TRL `SFTConfig` fields, plus where checkpoints live."
     checkpoint_dir: str = Field("checkpoints", min_length=1)  # outside every DVC out; a bucket mount in the cloud
@@ -104,11 +114,11 @@ class TrainCfg(Section):
     per_device_eval_batch_size: int = Field(32, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(3e-3, gt=0, lt=1)
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: LR_SCHEDULES = "cosine"
     warmup_steps: Union[int, float] = Field(0, ge=0)  # a float in [0, 1) is a ratio of the total steps
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    optim: str = "adamw_torch"
+    optim: OPTIMIZERS = "adamw_torch"
     max_length: int = Field(512, ge=16)  # tokens per conversation
     overlong: Literal["drop", "truncate"] = "drop"  # rows over max_length: drop them, or truncate (cutting off end-of-turn)
     train_sampling_strategy: Literal["random", "group_by_length"] = "group_by_length"  # batches of similar length pad less
@@ -120,11 +130,23 @@ class TrainCfg(Section):
     logging_steps: int = Field(5, ge=1)
     gradient_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the GPU supports it
+    global_batch_size: Optional[int] = Field(None, ge=1)  # rows per optimizer step over all processes: sets gradient accumulation
+    launcher: Literal["none", "torchrun", "accelerate"] = "none"  # how `train` starts one process per GPU
+    num_processes: Union[int, Literal["auto"]] = 1  # processes per node; auto: one per GPU
+    accelerate_config: Optional[str] = None  # accelerate only: e.g. configs/accelerate/fsdp_qlora.yaml
 
     @model_validator(mode="after")
-    def _eval_steps_with_steps(self):
+    def _consistent(self):
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise ValueError("train.eval_steps must be set when train.eval_strategy is 'steps'")
+        if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:
+            raise ValueError("train.gradient_accumulation_steps must stay 1 when train.global_batch_size is set (it is derived from it)")
+        if isinstance(self.num_processes, int) and self.num_processes < 1:
+            raise ValueError(f"train.num_processes must be >= 1 or 'auto'; got {self.num_processes}")
+        if self.launcher == "none" and self.num_processes != 1:
+            raise ValueError("train.num_processes other than 1 needs train.launcher: torchrun or accelerate")
+        if self.accelerate_config is not None and self.launcher != "accelerate":
+            raise ValueError("train.accelerate_config is used only with train.launcher: accelerate")
         return self
 
 class EvalCfg(Section):
@@ -204,18 +226,22 @@ def parse_params(raw: Any, origin: str = "params") -> Config:
             if k not in seen: seen.add(k); uniq.append(l)
         raise ConfigError("\n".join(uniq)) from None
 
-def load_params(path: str | Path = "params.yaml") -> Config:
-    "Read and validate `params.yaml` (the only function that reads it)."
+def read_params(path: str | Path) -> Any:
+    "The raw params file as DVC reads (and `dvc exp run -S` rewrites) it: YAML 1.2, where `no`, `yes`, `on` are strings."
+    from ruamel.yaml import YAML, YAMLError
     path = Path(path)
     if not path.is_file(): raise ConfigError(f"{path}: params file not found (pass --params PATH or run from the project root)")
-    try: raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    try: return YAML(typ="safe", pure=True).load(path.read_text())
+    except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    return parse_params(raw, str(path))
 
-# %% ../nbs/00_config.ipynb #b3a1126c
+def load_params(path: str | Path = "params.yaml") -> Config:
+    "Read and validate `params.yaml`."
+    return parse_params(read_params(path), str(path))
+
+# %% ../nbs/00_config.ipynb #2981e9e5
 SOURCES = ("identity", "orca", "platypus")
 
 @dataclass(frozen=True)

@@ -135,8 +135,10 @@ def quantization_config(quantization: str, dtype=None):
     if quantization == "none": return None
     from transformers import BitsAndBytesConfig
     if quantization == "8bit": return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = dtype or compute_dtype()
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # FSDP shards 4-bit weights stored as the compute dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype or compute_dtype())
+                              bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": dtype} if fsdp else {}))
 
 # %% ../nbs/04_model.ipynb #d2274a95
 def base_source(cfg: Config, paths: Paths) -> tuple[str, dict]:
@@ -169,7 +171,9 @@ def load_base_model(cfg: Config, paths: Paths, quantization: str | None = None, 
     src, kw = base_source(cfg, paths)
     q = cfg.model.quantization if quantization is None else quantization
     dtype = dtype or compute_dtype(cfg.train.precision)
-    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # set by `accelerate launch` with an FSDP config
+    # one process per GPU: each loads onto its own GPU (LOCAL_RANK); under FSDP, accelerate places and shards the weights
+    device_map = None if fsdp else {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, quantization_config=quantization_config(q, dtype),
                                                  device_map=device_map, **kw)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

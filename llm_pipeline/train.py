@@ -10,18 +10,20 @@ import hashlib, json, os, shutil, sys, time
 from pathlib import Path
 
 from .config import Config, Paths
+from .distributed import grad_accumulation, world_size
 from .data import read_jsonl, write_json
 from .model import BASE_FILE, compute_dtype, load_base_model, load_tokenizer
 
 # %% auto #0
 __all__ = ['MARKER', 'NOT_IN_FINGERPRINT', 'file_sha256', 'run_fingerprint', 'fingerprint_diff', 'checkpoint_step',
-           'scan_checkpoints', 'other_runs', 'plan_resume', 'CheckpointMarker', 'global_step_dvclive_callback',
-           'use_dvclive', 'has_generation_tags', 'training_rows', 'sft_config', 'lora_config', 'token_lengths',
-           'fit_length', 'plot_losses', 'train']
+           'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume', 'CheckpointMarker',
+           'global_step_dvclive_callback', 'use_dvclive', 'has_generation_tags', 'training_rows', 'sft_config',
+           'lora_config', 'token_lengths', 'fit_length', 'plot_losses', 'train']
 
 # %% ../nbs/05_train.ipynb #a35e9757
 MARKER = "llm_pipeline_complete.json"
-NOT_IN_FINGERPRINT = ("checkpoint_dir", "save_total_limit", "logging_steps")  # where and how often, not what
+# where, how often and on how many processes, not what: a job recovered on another cluster shape resumes its run
+NOT_IN_FINGERPRINT = ("checkpoint_dir", "save_total_limit", "logging_steps", "launcher", "num_processes", "accelerate_config")
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -37,6 +39,8 @@ def run_fingerprint(cfg: Config, paths: Paths) -> dict:
         "model": cfg.model.model_dump(),
         "lora": cfg.lora.model_dump(),
         "train": {k: v for k, v in cfg.train.model_dump().items() if k not in NOT_IN_FINGERPRINT},
+        # without train.global_batch_size the rows per step grow with the processes: then their number is part of the recipe
+        **({"processes": world_size()} if cfg.train.global_batch_size is None else {}),
         "data": {p: file_sha256(paths.final(p)) for p in ("train", "val")},
         "base": {f.name: file_sha256(f) for f in sorted(base_dir.iterdir()) if f.is_file()},
     }
@@ -54,10 +58,22 @@ def fingerprint_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # %% ../nbs/05_train.ipynb #53bf72cc
 def checkpoint_step(p: Path) -> int: return int(p.name.rsplit("-", 1)[1])
 
+def checkpoint_files(ck: Path) -> dict:
+    "Every file of a checkpoint (but its marker) with its size in bytes."
+    return {str(f.relative_to(ck)): f.stat().st_size for f in sorted(Path(ck).rglob("*")) if f.is_file() and not f.name.startswith((MARKER, f".{MARKER}"))}
+
+def is_complete(ck: Path) -> bool:
+    "A checkpoint is complete when its marker exists and every file it lists is there at the recorded size."
+    try: files = json.loads((Path(ck)/MARKER).read_text()).get("files")
+    except (OSError, ValueError): return False
+    if files is None: return True  # a marker from before file lists were recorded
+    return all((Path(ck)/n).is_file() and (Path(ck)/n).stat().st_size == size for n, size in files.items())
+
 def scan_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
     "(complete, incomplete) checkpoints of a run directory, each sorted by step."
     cks = sorted((p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()), key=checkpoint_step)
-    return [p for p in cks if (p/MARKER).is_file()], [p for p in cks if not (p/MARKER).is_file()]
+    ok = {p: is_complete(p) for p in cks}
+    return [p for p in cks if ok[p]], [p for p in cks if not ok[p]]
 
 def other_runs(root: Path, fp: dict) -> list[str]:
     "Why checkpoints of other runs under `root` are not resumed: one line per run, naming what differs."
@@ -76,7 +92,8 @@ def plan_resume(root: Path, fp: dict, log=print) -> Path | None:
     run_dir = Path(root)/f"run-{fp['id']}"
     done, partial = scan_checkpoints(run_dir)
     for p in partial:
-        shutil.rmtree(p); log(f"train: removed incomplete {p} (no completion marker: interrupted while saving)")
+        why = "a file is missing or truncated" if (p/MARKER).is_file() else "no completion marker: interrupted while saving"
+        shutil.rmtree(p); log(f"train: removed incomplete {p} ({why})")
     if done:
         mark = json.loads((done[-1]/MARKER).read_text())
         if mark["fingerprint"] == fp:
@@ -103,7 +120,9 @@ class CheckpointMarker(_trainer_callback_base()):
         if self.dvclive_dir and Path(self.dvclive_dir).is_dir():
             shutil.copytree(self.dvclive_dir, ck/"dvclive", dirs_exist_ok=True)
         tmp = ck/f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({"step": state.global_step, "fingerprint": self.fp, "time": time.time()}, indent=1))
+        # the file list lets a reader tell a complete checkpoint from one whose files a bucket mount has not finished uploading
+        tmp.write_text(json.dumps({"step": state.global_step, "fingerprint": self.fp, "time": time.time(),
+                                   "files": checkpoint_files(ck)}, indent=1))
         os.replace(tmp, ck/MARKER)
 
 # %% ../nbs/05_train.ipynb #73b8ec7b
@@ -123,10 +142,10 @@ def global_step_dvclive_callback(live_dir: Path, resume_from: Path | None):
     return GlobalStepDVCLive(live=live, log_model=False)
 
 def use_dvclive(trainer, callback) -> None:
-    "Replace the `DVCLiveCallback` that `report_to='dvclive'` attached with `callback` (one Live, one experiment)."
+    "Replace the `DVCLiveCallback` that `report_to='dvclive'` attached with `callback` (one Live, one experiment; None on ranks > 0)."
     from transformers.integrations import DVCLiveCallback
     while trainer.pop_callback(DVCLiveCallback) is not None: pass
-    trainer.add_callback(callback)
+    if callback is not None: trainer.add_callback(callback)
 
 # %% ../nbs/05_train.ipynb #5fe8c72f
 def has_generation_tags(tok) -> bool:
@@ -145,12 +164,13 @@ def sft_config(cfg: Config, output_dir: Path, tok):
     from trl import SFTConfig
     t = cfg.train
     dtype = compute_dtype(t.precision)
-    keys = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-            "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    keys = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
             "max_grad_norm", "optim", "max_length", "train_sampling_strategy", "packing", "eval_strategy", "eval_steps", "save_steps",
             "save_total_limit", "logging_steps", "gradient_checkpointing")
     return SFTConfig(
         output_dir=str(output_dir), **{k: getattr(t, k) for k in keys},
+        gradient_accumulation_steps=grad_accumulation(t, world_size()),
+        ddp_backend=None if torch.cuda.is_available() or world_size() == 1 else "gloo",
         seed=cfg.seed, data_seed=cfg.seed, save_strategy="steps",
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
         assistant_only_loss=has_generation_tags(tok), report_to=["dvclive"], logging_first_step=True,
@@ -201,20 +221,31 @@ def train(cfg: Config, paths: Paths) -> dict:
     t0 = time.time()
     fp = run_fingerprint(cfg, paths)
     root = paths.resolve(cfg.train.checkpoint_dir)
-    resume = plan_resume(root, fp)
     tok = load_tokenizer(cfg, paths)
+    args = sft_config(cfg, root/f"run-{fp['id']}", tok)
+    if args.device.type == "cpu" and args.device.index is not None:  # (this also sets up the process group, when launched)
+        # CPU DDP: accelerate reports device cpu:0, and resuming then fails in torch.load(map_location="cpu:0"); it is just the CPU
+        args.__dict__["_setup_devices"] = torch.device("cpu")
+    main = args.process_index == 0  # one process per GPU under torchrun / accelerate: rank 0 plans, cleans and writes
+    if args.world_size > 1:  # the process group exists now; every rank resumes what rank 0 decided
+        import torch.distributed as dist
+        decision = [plan_resume(root, fp) if main else None]
+        dist.broadcast_object_list(decision, src=0)
+        resume = decision[0]
+    else: resume = plan_resume(root, fp)
     train_rows, val_rows = read_jsonl(paths.final("train")), read_jsonl(paths.final("val"))
     train_rows, lengths = fit_length(train_rows, token_lengths(train_rows, tok), cfg.train.max_length, cfg.train.overlong)
     val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), cfg.train.max_length, cfg.train.overlong)
-    if lengths["overlong_rows"]:
+    if lengths["overlong_rows"] and main:
         print(f"train: {lengths['overlong_rows']} of {lengths['rows']} training rows exceed train.max_length="
               f"{cfg.train.max_length} tokens: {'dropped' if cfg.train.overlong == 'drop' else 'truncated'} "
               "(train.overlong)", file=sys.stderr)
     model = load_base_model(cfg, paths, tokenizer=tok)
-    if cfg.model.quantization != "none":
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if cfg.model.quantization != "none" and not fsdp:  # under FSDP it would mix dtypes in a shard: TRL skips it there too
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     live_dir = paths.root/"dvclive"
-    trainer = SFTTrainer(model=model, args=sft_config(cfg, root/f"run-{fp['id']}", tok),
+    trainer = SFTTrainer(model=model, args=args,
                          train_dataset=Dataset.from_list(training_rows(train_rows, tok)),
                          eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
                          processing_class=tok, peft_config=lora_config(cfg))
@@ -222,18 +253,29 @@ def train(cfg: Config, paths: Paths) -> dict:
         # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); where compute is fp32 (a CPU) keep them fp32: 2.6x faster
         for p in trainer.model.parameters():
             if p.requires_grad: p.data = p.data.float()
-    use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume))
+    use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume) if main else None)
     trainer.add_callback(CheckpointMarker(fp, live_dir))
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    out = paths.adapter
-    if out.exists(): shutil.rmtree(out)
-    trainer.model.save_pretrained(out); tok.save_pretrained(out)
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     report = {"fingerprint": fp["id"], "resumed_from": str(resume.relative_to(root)) if resume else None,
               "global_step": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
               "train_loss": result.training_loss, "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
               "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-              "quantization": cfg.model.quantization, "lengths": lengths, "wall_s": round(time.time() - t0, 1)}
+              "quantization": cfg.model.quantization, "lengths": lengths, "processes": args.world_size,
+              "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+              "wall_s": round(time.time() - t0, 1)}
+    out = paths.adapter
+    if fsdp:  # gathering a sharded model is collective: every rank takes part, the Trainer writes on rank 0
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        if main and out.exists(): shutil.rmtree(out)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(out))
+    if not main: return report
+    if not fsdp:
+        if out.exists(): shutil.rmtree(out)
+        trainer.model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"train: adapter written to {out.relative_to(paths.root)} by rank 0 of {args.world_size}", file=sys.stderr)
     write_json(out/"llm_pipeline_train.json", {**report, "base": json.loads((paths.root/"models"/"base"/BASE_FILE).read_text())})
     plot_losses(trainer.state.log_history, paths.root/"reports"/"train"/"loss.png")
     write_json(paths.root/"reports"/"train"/"train.json", report)
