@@ -293,7 +293,9 @@ def select_rows(src: RowSource, schema: Schema, subset_size, seed: int, report: 
     kept, seen, seen_cols, examined = {}, set(), set(), 0
     with tqdm(total=want if n is not None or subset_size else None, desc=f"{schema.source}: selecting",
               unit="row", disable=None, leave=False) as bar:
-        for i, where, raw in src.ordered(subset_size is not None, seed, chunk):
+        # a shuffled subset asks for all its candidates at once, so a parquet row group is decoded once, not once a chunk
+        step = chunk if subset_size is None or want == float("inf") else max(chunk, int(want))
+        for i, where, raw in src.ordered(subset_size is not None, seed, step):
             if len(kept) >= want: break
             examined += 1
             if isinstance(raw, Drop): report.drop(raw.reason, where); continue
