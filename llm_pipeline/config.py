@@ -73,11 +73,11 @@ class DataCfg(Section):
 class TinyCfg(Section):
     "Shape of the embedded tiny Llama (used when `model.base` is `tiny`)."
     vocab_size: int = Field(1024, ge=300, le=65536)  # BPE vocabulary trained on the bundled corpus
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(256, ge=8)
-    max_position_embeddings: int = Field(512, ge=16)
+    hidden_size: int = Field(128, ge=8)  # width of the residual stream
+    num_layers: int = Field(4, ge=1)  # decoder layers
+    num_heads: int = Field(4, ge=1)  # attention heads (must divide hidden_size)
+    intermediate_size: int = Field(256, ge=8)  # width of the MLP
+    max_position_embeddings: int = Field(512, ge=16)  # longest sequence the model is built for
 
 class ModelCfg(Section):
     "The base model and how it is loaded."
@@ -89,9 +89,9 @@ class ModelCfg(Section):
 
 class LoraCfg(Section):
     "peft `LoraConfig` fields."
-    r: int = Field(32, ge=1)
-    alpha: int = Field(64, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: int = Field(32, ge=1)  # rank of each low-rank update
+    alpha: int = Field(64, ge=1)  # scale of the update: it is multiplied by alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)  # dropout on the adapters' input
     target_modules: Union[str, list[str]] = "all-linear"  # `all-linear` or module names
     modules_to_save: Optional[list[str]] = None  # modules trained in full beside the adapters (e.g. new-token embeddings)
 
@@ -108,27 +108,27 @@ LR_SCHEDULES = Literal["linear", "cosine", "cosine_with_restarts", "polynomial",
 class TrainCfg(Section):
     "TRL `SFTConfig` fields, plus where checkpoints live."
     checkpoint_dir: str = Field("checkpoints", min_length=1)  # outside every DVC out; a bucket mount in the cloud
-    num_train_epochs: float = Field(4.0, gt=0)
+    num_train_epochs: float = Field(4.0, gt=0)  # passes over the training rows
     max_steps: int = Field(-1, ge=-1)  # -1: run `num_train_epochs`
-    per_device_train_batch_size: int = Field(16, ge=1)
-    per_device_eval_batch_size: int = Field(32, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(3e-3, gt=0, lt=1)
-    lr_scheduler_type: LR_SCHEDULES = "cosine"
+    per_device_train_batch_size: int = Field(16, ge=1)  # rows per forward pass on each device
+    per_device_eval_batch_size: int = Field(32, ge=1)  # rows per forward pass when evaluating
+    gradient_accumulation_steps: int = Field(1, ge=1)  # forward passes per optimizer step (set by global_batch_size when given)
+    learning_rate: float = Field(3e-3, gt=0, lt=1)  # peak learning rate of the schedule
+    lr_scheduler_type: LR_SCHEDULES = "cosine"  # how the learning rate moves over training
     warmup_steps: Union[int, float] = Field(0, ge=0)  # a float in [0, 1) is a ratio of the total steps
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    optim: OPTIMIZERS = "adamw_torch"
+    weight_decay: float = Field(0.0, ge=0)  # decoupled weight decay of the optimizer
+    max_grad_norm: float = Field(1.0, gt=0)  # gradients are clipped to this norm
+    optim: OPTIMIZERS = "adamw_torch"  # the optimizer (paged_adamw_32bit for the QLoRA recipe)
     max_length: int = Field(512, ge=16)  # tokens per conversation
     overlong: Literal["drop", "truncate"] = "drop"  # rows over max_length: drop them, or truncate (cutting off end-of-turn)
     train_sampling_strategy: Literal["random", "group_by_length"] = "group_by_length"  # batches of similar length pad less
-    packing: bool = False
-    eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
-    eval_steps: Optional[int] = Field(None, ge=1)
-    save_steps: int = Field(20, ge=1)
-    save_total_limit: int = Field(2, ge=1)
-    logging_steps: int = Field(5, ge=1)
-    gradient_checkpointing: bool = False
+    packing: bool = False  # concatenate rows into full-length sequences (TRL packing)
+    eval_strategy: Literal["no", "steps", "epoch"] = "epoch"  # when the validation loss is computed
+    eval_steps: Optional[int] = Field(None, ge=1)  # with eval_strategy steps: every this many steps
+    save_steps: int = Field(20, ge=1)  # a resumable checkpoint every this many steps
+    save_total_limit: int = Field(2, ge=1)  # checkpoints kept per run (older ones are deleted)
+    logging_steps: int = Field(5, ge=1)  # train loss logged to dvclive every this many steps
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the GPU supports it
     global_batch_size: Optional[int] = Field(None, ge=1)  # rows per optimizer step over all processes: sets gradient accumulation
     launcher: Literal["none", "torchrun", "accelerate"] = "none"  # how `train` starts one process per GPU
@@ -151,14 +151,14 @@ class TrainCfg(Section):
 
 class EvalCfg(Section):
     "Greedy evaluation of the base and the fine-tuned model."
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1)  # longest greedy generation in the sanity check
     max_generic_prompts: int = Field(60, ge=1)  # held-out non-identity prompts checked for name leaks
-    prompts: list[str] = ["What is your name?", "Who created you?", "What is the capital of France?"]
+    prompts: list[str] = ["What is your name?", "Who created you?", "What is the capital of France?"]  # generated by base and fine-tuned, side by side in the report
 
 # %% ../nbs/00_config.ipynb #ba371cd2
 class Config(Section):
     "The whole of `params.yaml`."
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0)  # seeds sampling, splits, shuffles, the tiny model and training
     preset: Optional[Literal["llama2-7b-chat", "llama2-13b-chat"]] = None  # a named recipe; see `PRESETS`
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()

@@ -16,7 +16,7 @@ from .data import write_json
 # %% auto #0
 __all__ = ['PAD', 'BOS', 'EOT', 'ROLE_TOKENS', 'CHAT_TEMPLATE', 'TINY_CORPUS', 'BASE_FILE', 'corpus_texts',
            'build_tiny_tokenizer', 'build_tiny_model', 'is_tiny', 'dir_fingerprint', 'base_descriptor', 'build_base',
-           'compute_dtype', 'quantization_config', 'base_source', 'ensure_pad_token', 'load_tokenizer',
+           'compute_dtype', 'is_fsdp', 'quantization_config', 'base_source', 'ensure_pad_token', 'load_tokenizer',
            'load_base_model']
 
 # %% ../nbs/04_model.ipynb #c0335eb3
@@ -130,15 +130,19 @@ def compute_dtype(precision: str = "auto"):
     if torch.cuda.is_available(): return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
+def is_fsdp() -> bool:
+    "Whether this process was started by `accelerate launch` with an FSDP config (it sets `ACCELERATE_USE_FSDP`)."
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
 def quantization_config(quantization: str, dtype=None):
     "A bitsandbytes config: nf4 with double quantization for `4bit`, int8 for `8bit`, None for `none`."
     if quantization == "none": return None
     from transformers import BitsAndBytesConfig
     if quantization == "8bit": return BitsAndBytesConfig(load_in_8bit=True)
     dtype = dtype or compute_dtype()
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # FSDP shards 4-bit weights stored as the compute dtype
+    # FSDP shards 4-bit weights stored as the compute dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": dtype} if fsdp else {}))
+                              bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": dtype} if is_fsdp() else {}))
 
 # %% ../nbs/04_model.ipynb #d2274a95
 def base_source(cfg: Config, paths: Paths) -> tuple[str, dict]:
@@ -171,9 +175,8 @@ def load_base_model(cfg: Config, paths: Paths, quantization: str | None = None, 
     src, kw = base_source(cfg, paths)
     q = cfg.model.quantization if quantization is None else quantization
     dtype = dtype or compute_dtype(cfg.train.precision)
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # set by `accelerate launch` with an FSDP config
     # one process per GPU: each loads onto its own GPU (LOCAL_RANK); under FSDP, accelerate places and shards the weights
-    device_map = None if fsdp else {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
+    device_map = None if is_fsdp() else {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, quantization_config=quantization_config(q, dtype),
                                                  device_map=device_map, **kw)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

@@ -12,13 +12,13 @@ from pathlib import Path
 from .config import Config, Paths
 from .distributed import grad_accumulation, world_size
 from .data import read_jsonl, write_json
-from .model import BASE_FILE, compute_dtype, load_base_model, load_tokenizer
+from .model import BASE_FILE, compute_dtype, is_fsdp, load_base_model, load_tokenizer
 
 # %% auto #0
 __all__ = ['MARKER', 'NOT_IN_FINGERPRINT', 'file_sha256', 'run_fingerprint', 'fingerprint_diff', 'checkpoint_step',
            'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume', 'CheckpointMarker',
            'global_step_dvclive_callback', 'use_dvclive', 'has_generation_tags', 'training_rows', 'sft_config',
-           'lora_config', 'token_lengths', 'fit_length', 'plot_losses', 'train']
+           'lora_config', 'token_lengths', 'fit_length', 'plot_losses', 'run_train_loss', 'finished', 'train']
 
 # %% ../nbs/05_train.ipynb #a35e9757
 MARKER = "llm_pipeline_complete.json"
@@ -212,6 +212,18 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     ax.set_xlabel("global step"); ax.set_ylabel("loss (assistant tokens)"); ax.grid(alpha=0.3); ax.legend()
     fig.tight_layout(); path.parent.mkdir(parents=True, exist_ok=True); fig.savefig(path); plt.close(fig)
 
+def run_train_loss(log_history: list[dict]) -> float | None:
+    "The whole run's mean per-step train loss from its logs (each logged loss is the mean since the previous log)."
+    total = steps = prev = 0
+    for h in log_history:
+        if "loss" in h: total += h["loss"] * (h["step"] - prev); steps += h["step"] - prev; prev = h["step"]
+    return total / steps if steps else None
+
+def finished(checkpoint: Path) -> bool:
+    "Whether `checkpoint` is the last step of its run (its trainer state reached `max_steps`)."
+    st = json.loads((checkpoint/"trainer_state.json").read_text())
+    return st["max_steps"] > 0 and st["global_step"] >= st["max_steps"]
+
 def train(cfg: Config, paths: Paths) -> dict:
     "Fine-tune the base on `data/final`, resuming this run's last complete checkpoint; write `models/adapter/`."
     import torch
@@ -241,8 +253,7 @@ def train(cfg: Config, paths: Paths) -> dict:
               f"{cfg.train.max_length} tokens: {'dropped' if cfg.train.overlong == 'drop' else 'truncated'} "
               "(train.overlong)", file=sys.stderr)
     model = load_base_model(cfg, paths, tokenizer=tok)
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    if cfg.model.quantization != "none" and not fsdp:  # under FSDP it would mix dtypes in a shard: TRL skips it there too
+    if cfg.model.quantization != "none" and not is_fsdp():  # under FSDP it would mix dtypes in a shard: TRL skips it there too
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     live_dir = paths.root/"dvclive"
     trainer = SFTTrainer(model=model, args=args,
@@ -255,23 +266,36 @@ def train(cfg: Config, paths: Paths) -> dict:
             if p.requires_grad: p.data = p.data.float()
     use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume) if main else None)
     trainer.add_callback(CheckpointMarker(fp, live_dir))
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume is not None and not is_fsdp() and finished(resume):
+        # a finished run's last checkpoint: Trainer.train would take one step past max_steps; load its weights instead
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers import TrainerState
+        set_peft_model_state_dict(trainer.model, load_file(str(resume/"adapter_model.safetensors")))
+        trainer.state = TrainerState.load_from_json(str(resume/"trainer_state.json"))
+        train_loss = run_train_loss(trainer.state.log_history)
+        if main: print(f"train: {resume.name} is the end of this run: nothing left to train", file=sys.stderr)
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        # the Trainer's training_loss covers only this process's steps: on a resume, take the whole run's from the logs
+        train_loss = result.training_loss if resume is None else run_train_loss(trainer.state.log_history)
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     report = {"fingerprint": fp["id"], "resumed_from": str(resume.relative_to(root)) if resume else None,
               "global_step": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
-              "train_loss": result.training_loss, "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+              "train_loss": train_loss,
+              "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
               "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
               "quantization": cfg.model.quantization, "lengths": lengths, "processes": args.world_size,
               "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
               "wall_s": round(time.time() - t0, 1)}
     out = paths.adapter
-    if fsdp:  # gathering a sharded model is collective: every rank takes part, the Trainer writes on rank 0
+    if is_fsdp():  # gathering a sharded model is collective: every rank takes part, the Trainer writes on rank 0
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         if main and out.exists(): shutil.rmtree(out)
         trainer.accelerator.wait_for_everyone()
         trainer.save_model(str(out))
     if not main: return report
-    if not fsdp:
+    if not is_fsdp():
         if out.exists(): shutil.rmtree(out)
         trainer.model.save_pretrained(out)
     tok.save_pretrained(out)
