@@ -17,8 +17,8 @@ from .config import Config, ConfigError, parse_params, read_params
 
 # %% auto #0
 __all__ = ['TASK_FILES', 'REQUIRED_SECRETS', 'SHAPES', 'WEIGHT_BYTES', 'OPTIM_BYTES', 'GIB', 'GPU_SPECS', 'CloudError', 'Launch',
-           'set_dotted', 'params_env', 'task_config', 'secrets_from_env', 'public_url', 'repo_envs', 'build_task',
-           'ModelShape', 'model_shape', 'lora_params', 'optim_kind', 'MemoryEstimate', 'estimate_memory',
+           'set_dotted', 'params_with', 'params_env', 'task_config', 'secrets_from_env', 'public_url', 'repo_envs',
+           'build_task', 'ModelShape', 'model_shape', 'lora_params', 'optim_kind', 'MemoryEstimate', 'estimate_memory',
            'estimate_for', 'train_tokens', 'train_hours', 'gpu_options', 'write_fixture_catalog', 'optimize_offline',
            'Backend', 'SkyBackend', 'RecordingBackend', 'LogFollower', 'pull_experiment', 'experiments',
            'parse_overrides', 'ControlPanel']
@@ -54,11 +54,15 @@ def _yaml_value(v: Any) -> str:
     if isinstance(v, str) and re.fullmatch(r"[\w./:@+-]+", v) and yaml.safe_load(v) == v: return v
     return json.dumps(v, separators=(",", ":"))
 
-def params_env(params: dict, root: Path) -> str:
-    "Validate params overrides against `root/params.yaml` and render the `PARAMS` env."
+def params_with(params: dict, root: Path) -> Config:
+    "The `Config` of `root/params.yaml` with dotted `params` overrides, as `dvc exp run -S` would make it; validated."
     raw = read_params(Path(root)/"params.yaml") or {}
     for k, v in params.items(): set_dotted(raw, k, v)
-    parse_params(raw, origin="params overrides")  # ConfigError: one line per problem, naming the key
+    return parse_params(raw, origin="params overrides")  # ConfigError: one line per problem, naming the key
+
+def params_env(params: dict, root: Path) -> str:
+    "Validate params overrides against `root/params.yaml` and render the `PARAMS` env."
+    params_with(params, root)
     parts = [f"{k}={_yaml_value(v)}" for k, v in params.items()]
     if bad := [p for p in parts if re.search(r"\s", p)]:
         raise CloudError(f"params override {bad[0]!r} contains whitespace, which the task's PARAMS env cannot carry")
@@ -523,9 +527,7 @@ class ControlPanel:
                       params=parse_overrides(self.params.value) if self.kind.value == "train" else {})
 
     def do_estimate(self):
-        raw = read_params(self.root/"params.yaml") or {}
-        for k, v in parse_overrides(self.params.value).items(): set_dotted(raw, k, v)
-        cfg = parse_params(raw)
+        cfg = params_with(parse_overrides(self.params.value), self.root)
         est, shape = estimate_for(cfg, self.root), model_shape(cfg, self.root)
         html = f"<b>{shape.name}</b>: {shape.n_params / 1e9:.2f} B parameters; estimated peak {est.peak_gib:.1f} GiB per GPU" + _html_table(est.table())
         try:
