@@ -1,19 +1,41 @@
-"""Benchmarks against the 2023 reference approach (issue 7). Not part of the test suite.
+"""Benchmarks against the 2023 reference approach (issue 7). Not part of the test suite; bench/README.md has the details.
 
-    python bench/run.py [--reps 3] [--rows 1000000]
+    python bench/run.py                 # everything: about 26 min on 2 quiet CPU cores (+ < 8 min on a GPU, if any)
+    python bench/run.py --quick         # a smoke run of every section: about 6 min
+    python bench/run.py --only train,overhead --train-reps 1
 
-Each comparison runs ours and the reference in fresh processes of the same run, alternating, `--reps` times;
-the table reports medians (wall seconds, peak RSS of the process) and ratios ours / reference, and is written
-to bench/results/<date>-<machine>.json. Sections so far: data at scale. (Training throughput, pipeline
-overhead and the GPU script are still to come.)
+Each comparison runs ours and the reference in fresh processes of the same run, alternating (so drift in the machine
+hits both sides alike), and reports medians over the repetitions; ratio = ours / reference. The rows go to one table
+and to bench/results/<date>-<machine>[-quick].json (a run with --only replaces just its sections there).
+
+Sections:
+- data: `process_orca_data` on a generated OpenOrca-schema parquet of `--rows` rows vs the reference's pandas approach
+  (read all, sample, convert): wall seconds and peak RSS of the process.
+- train: our `train` stage with params.yaml's defaults vs the reference trainer configuration (bench/reference_train.py:
+  batch 8, eval every 10 steps, group_by_length, pad = EOS, no packing, loss on prompts), on the embedded tiny model and
+  the bundled sample data, same rows and epochs: non-pad tokens per second of `Trainer.train()`, its wall time, the
+  whole process's wall time ("stage wall"), peak RSS, and the val loss of each adapter measured the same way afterwards
+  (assistant tokens of data/final/val.jsonl). `--variants` adds "ours + <params override>" rows.
+- overhead: a no-op `dvc repro` of a copy of the project (reproduced once, with a 5-step training) vs DVC's own floor
+  (as many `echo` stages chained by deps); then, for one key of every params section, the stages `dvc status` marks
+  changed and the ones `dvc repro` would rerun (with their downstream), checked against the rule "data params never
+  rerun build_base; training params never rerun data stages" (a second table; violations are reported, not raised).
+- gpu: bench/gpu.py (QLoRA on a Llama-2-7B-shaped model, ours vs the 2023 recipe: tokens/s, peak memory, MFU) when
+  torch sees a CUDA device; skipped otherwise.
+
+Durations on 2 quiet cores (2026-11-28): data 2.5 min, train 3 x (ours 2.7 + reference 3.8 + val losses 0.7) min, overhead 2 min.
 """
 from __future__ import annotations
-import argparse, json, os, platform, statistics, subprocess, sys, tempfile, textwrap, time
+import argparse, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time
 from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT/"bench"/".cache"
+sys.path.insert(0, str(ROOT))  # llm_pipeline from this checkout
+BENCH = ROOT/"bench"
+CACHE = BENCH/".cache"
+PY = sys.executable
+SECTIONS = ("data", "train", "overhead", "gpu")
 
 
 def generate_orca(path: Path, rows: int, seed: int = 0, group: int = 10_000) -> Path:
@@ -67,17 +89,50 @@ with open(out + "/orca.jsonl", "w") as f:
 """
 
 
+def bench_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true"}
+
+
+# Linux starts a child's peak RSS (ru_maxrss) at its parent's high-water mark: fork copies it and exec keeps the maximum.
+# So the measured process is forked by this small launcher (python -S: about 10 MB), not by run.py, whose own RSS
+# (pandas, pyarrow, a generated parquet) would otherwise be the floor of every figure.
+LAUNCH = """import os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try: os.execvp(sys.argv[2], sys.argv[2:])
+    finally: os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(repr((time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(status))))
+"""
+
+
+def measure_argv(argv: list, cwd: Path | None = None, env: dict | None = None, stdout: Path | None = None) -> tuple[float, float]:
+    "Wall seconds and peak RSS (MB) of a fresh process running `argv` (stderr to a temp file: a full pipe would block it)."
+    with tempfile.TemporaryDirectory() as d, open(Path(d)/"err", "w+b") as err, open(stdout or os.devnull, "wb") as out:
+        subprocess.run([PY, "-S", "-c", LAUNCH, Path(d)/"res", *map(str, argv)], cwd=cwd, env=env or bench_env(), stdout=out,
+                       stderr=err, check=True)
+        wall, maxrss, rc = eval((Path(d)/"res").read_text())
+        if rc:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(map(str, argv))} failed ({rc}):\n{err.read().decode(errors='replace')[-4000:]}")
+    return wall, maxrss / 1024
+
+
 def measure(code: str, *args) -> tuple[float, float]:
     "Wall seconds and peak RSS (MB) of a fresh Python process running `code`."
-    t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    if status: raise RuntimeError(p.stderr.read().decode()[-3000:])
-    return wall, ru.ru_maxrss / 1024
+    return measure_argv([PY, "-c", code, *args])
 
 
+def row(section: str, figure: str, ours, reference, digits: int = 2) -> dict:
+    "A table row; ratio = ours / reference where both are numbers."
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    r = lambda v: round(v, digits) if num(v) else v
+    ratio = round(ours / reference, 3) if num(ours) and num(reference) and reference else None
+    return {"section": section, "figure": figure, "ours": r(ours), "reference": r(reference), "ratio": ratio}
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
 def bench_data(rows: int, reps: int) -> list[dict]:
     src = CACHE/f"orca-{rows}.parquet"
     if not src.exists(): generate_orca(src, rows)
@@ -89,24 +144,310 @@ def bench_data(rows: int, reps: int) -> list[dict]:
                 with tempfile.TemporaryDirectory() as d: runs[side].append(measure(code, src, n, d))
         for i, what in ((0, "wall s"), (1, "peak RSS MB")):
             ours, ref = (statistics.median(r[i] for r in runs[s]) for s in ("ours", "reference"))
-            out.append({"figure": f"process_orca_data {n} of {rows} rows ({src.stat().st_size / 1e9:.2f} GB): {what}",
-                        "ours": round(ours, 2), "reference": round(ref, 2), "ratio": round(ours / ref, 3)})
+            out.append(row("data", f"process_orca_data {n} of {rows} rows ({src.stat().st_size / 1e9:.2f} GB): {what}", ours, ref))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------- train
+# name: (bench/train_side.py side, params overrides). The variants are "ours" with a params override our Config supports.
+TRAIN_SIDES = {"ours": ("ours", {}), "reference": ("reference", {})}
+TRAIN_VARIANTS = {"ours + packing": ("ours", {"train": {"packing": True}})}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items(): out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def prepare_train_project(d: Path) -> float:
+    "data stages + build_base of the real pipeline (our params.yaml, bundled samples) in `d`; returns the seconds it took."
+    d.mkdir(parents=True)
+    shutil.copy(ROOT/"params.yaml", d/"params.yaml")
+    shutil.copytree(ROOT/"data"/"samples", d/"data"/"samples")
+    code = ("import sys; from pathlib import Path; from llm_pipeline.config import Paths, load_params; "
+            "from llm_pipeline.cli import run_pipeline; p = Path(sys.argv[1]); "
+            "run_pipeline(load_params(p/'params.yaml'), Paths(p), until='build-base')")
+    return measure(code, d)[0]
+
+
+def make_run(base: Path, run: Path, overrides: dict) -> Path:
+    "A project dir for one training run: `base`'s data and models/base linked, its params.yaml with `overrides`."
+    import yaml
+    if run.exists(): shutil.rmtree(run)
+    (run/"models").mkdir(parents=True)
+    (run/"data").symlink_to(base/"data")
+    (run/"models"/"base").symlink_to(base/"models"/"base")
+    params = deep_merge(yaml.safe_load((base/"params.yaml").read_text()), overrides)
+    (run/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return run
+
+
+def bench_train(reps: int, quick: bool, variants: bool, tmp: Path) -> tuple[list[dict], dict]:
+    import yaml
+    base = tmp/"base"
+    prep_s = prepare_train_project(base)
+    over = {"train": {"num_train_epochs": 0.5}} if quick else {}  # quick: half an epoch (about the same rows)
+    epochs = deep_merge(yaml.safe_load((base/"params.yaml").read_text()), over)["train"]["num_train_epochs"]
+    sides = {**TRAIN_SIDES, **(TRAIN_VARIANTS if variants else {})}
+    runs = {s: [] for s in sides}
+    for rep in range(reps):
+        for name, (kind, ov) in sides.items():  # alternating
+            rd = make_run(base, tmp/f"{name.replace(' + ', '+')}-{rep}", deep_merge(over, ov))
+            wall, rss = measure_argv([PY, BENCH/"train_side.py", kind, rd, rd/"stats.json"])
+            st = {**json.loads((rd/"stats.json").read_text()), "stage_wall_s": wall, "peak_rss_mb": rss}
+            measure_argv([PY, BENCH/"train_side.py", "val-loss", rd, rd/"val.json"])  # afterwards, not timed
+            st.update(json.loads((rd/"val.json").read_text()))
+            st["tokens_per_s"] = st["tokens"] / st["train_s"]
+            runs[name].append(st)
+            shutil.rmtree(rd/"checkpoints", ignore_errors=True)
+            print(f"  train {name} rep {rep + 1}/{reps}: {st['tokens_per_s']:.0f} tok/s, train() {st['train_s']:.1f} s "
+                  f"(eval {st['eval_s']:.1f} s), stage {wall:.1f} s, val loss {st['val_loss']:.4f}", flush=True)
+    med = lambda s, k: statistics.median(r[k] for r in runs[s])
+    what = f"train tiny, {epochs:g} ep"
+    figures = [("non-pad tokens/s in Trainer.train()", "tokens_per_s", 1), ("Trainer.train() wall s", "train_s", 1),
+               ("of which evaluation s", "eval_s", 1), ("stage wall s (whole process)", "stage_wall_s", 1),
+               ("peak RSS MB", "peak_rss_mb", 0), ("val loss, assistant tokens", "val_loss", 4),
+               ("val loss, assistant tokens but end-of-turn", "val_loss_excl_eos", 4)]
+    out = []
+    for s in sides:
+        if s == "reference": continue
+        tag = "" if s == "ours" else f" [{s}]"
+        out += [row("train", f"{what}: {label}{tag}", med(s, k), med("reference", k), d) for label, k, d in figures]
+    tput = med("ours", "tokens_per_s") / med("reference", "tokens_per_s")
+    target = {"throughput_ratio": round(tput, 3), "throughput_2x": tput >= 2,
+              "val_loss_equal_or_better": med("ours", "val_loss") <= med("reference", "val_loss"),
+              "same_tokens": {s: [r["tokens"] for r in runs[s]] for s in sides}}
+    print(f"  train target (>= 2x reference tokens/s at equal or better val loss): throughput {tput:.2f}x "
+          f"({'met' if target['throughput_2x'] else 'NOT met'}), val loss {med('ours', 'val_loss'):.4f} vs "
+          f"{med('reference', 'val_loss'):.4f} ({'met' if target['val_loss_equal_or_better'] else 'NOT met'})", flush=True)
+    return out, {"epochs": epochs, "prepare_s": round(prep_s, 1), "overrides": {s: deep_merge(over, ov) for s, (_, ov) in sides.items()},
+                 "target": target, "runs": runs}
+
+
+# ------------------------------------------------------------------------------------------------------------ overhead
+# one key per params section, and the value it is changed to
+SENSITIVITY = [("data.identity", "data.identity.name", "Osprey"), ("data.orca", "data.orca.subset_size", 100),
+               ("data.platypus", "data.platypus.subset_size", 100), ("data.split", "data.split.val_size", 0.2),
+               ("model", "model.quantization", "4bit"), ("lora", "lora.r", 16), ("train", "train.learning_rate", 0.001),
+               ("eval", "eval.max_new_tokens", 64), ("seed", "seed", 7)]
+SHORT_RUN = {"train": {"max_steps": 5}, "eval": {"max_generic_prompts": 4, "max_new_tokens": 16}}
+DATA_STAGES = ("generate_identity_data", "process_orca_data", "process_platypus_data", "data_split", "merge_data")
+
+
+def dvc(proj: Path, *args) -> subprocess.CompletedProcess:
+    from llm_pipeline.testing import dvc_env
+    r = subprocess.run([PY, "-m", "dvc", *args], cwd=proj, env=dvc_env(), capture_output=True, text=True)
+    if r.returncode: raise RuntimeError(f"dvc {' '.join(args)} failed in {proj}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def dag(dvc_yaml: Path) -> dict[str, set[str]]:
+    "stage -> the stages that directly depend on it (foreach expanded), from dvc.yaml's deps and outs."
+    import yaml
+    stages = {}
+    for name, st in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
+        if "foreach" in st:
+            for item in st["foreach"]:
+                sub = lambda v: v.replace("${item}", str(item))
+                stages[f"{name}@{item}"] = {"deps": [sub(d) for d in st["do"].get("deps", [])],
+                                            "outs": [sub(o if isinstance(o, str) else next(iter(o))) for o in st["do"].get("outs", [])]}
+        else: stages[name] = {"deps": st.get("deps", []), "outs": [o if isinstance(o, str) else next(iter(o)) for o in st.get("outs", [])]}
+    producer = {o: s for s, st in stages.items() for o in st["outs"]}
+    down = {s: set() for s in stages}
+    for s, st in stages.items():
+        for d in st["deps"]:
+            p = producer.get(d) or next((ps for o, ps in producer.items() if d.startswith(o + "/")), None)
+            if p: down[p].add(s)
+    return down
+
+
+def downstream(down: dict[str, set[str]], start) -> set[str]:
+    seen, todo = set(), list(start)
+    while todo:
+        s = todo.pop()
+        if s not in seen: seen.add(s); todo += down.get(s, ())
+    return seen
+
+
+def make_floor(d: Path, n: int) -> Path:
+    "DVC's own floor: a git + DVC repo with `n` `echo` stages, each depending on the previous one's output; reproduced."
+    d.mkdir(parents=True)
+    lines = ["stages:"]
+    for i in range(1, n + 1):
+        lines += [f"  s{i}:", f"    cmd: echo {i} > o{i}.txt", *([f"    deps: [o{i - 1}.txt]"] if i > 1 else []), f"    outs: [o{i}.txt]"]
+    (d/"dvc.yaml").write_text("\n".join(lines) + "\n")
+    from llm_pipeline.testing import dvc_env
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
+                [PY, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=d, check=True, env=dvc_env(), capture_output=True)
+    dvc(d, "repro")
+    return d
+
+
+def set_key(params: dict, dotted: str, value) -> dict:
+    import copy
+    out = copy.deepcopy(params)
+    *path, last = dotted.split(".")
+    node = out
+    for k in path: node = node[k]
+    node[last] = value
+    return out
+
+
+def bench_overhead(reps: int, tmp: Path) -> tuple[list[dict], list[dict], dict]:
+    import yaml
+    from llm_pipeline.testing import dvc_env, project_copy
+    proj = tmp/"proj"; proj.mkdir(parents=True)
+    project_copy(proj, ROOT)
+    # a short training and evaluation: the first repro takes 1.5 min instead of 15; what a no-op repro or a status
+    # checks (the same stages, deps, outs of the same sizes, params keys) does not depend on it
+    p = yaml.safe_load((proj/"params.yaml").read_text())
+    p = deep_merge(p, SHORT_RUN)
+    (proj/"params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    env = dvc_env()
+    print("  overhead: first full dvc repro of the project copy ...", flush=True)
+    full_s, _ = measure_argv([PY, "-m", "dvc", "repro"], cwd=proj, env=env)
+    stages = dvc(proj, "stage", "list", "--name-only").stdout.split()
+    floor = make_floor(tmp/"floor", len(stages))
+    runs, ran = {"ours": [], "reference": []}, {"ours": [], "reference": []}
+    for _ in range(reps):
+        for side, d in (("ours", proj), ("reference", floor)):  # alternating
+            runs[side].append(measure_argv([PY, "-m", "dvc", "repro"], cwd=d, env=env, stdout=tmp/"repro.out"))
+            ran[side] += [l for l in (tmp/"repro.out").read_text().splitlines() if l.startswith("Running stage")]
+    n = len(stages)
+    rows = [row("overhead", f"first full dvc repro, {n} stages (train.max_steps 5, short eval): wall s", full_s, None, 1)]
+    for i, what in ((0, "wall s"), (1, "peak RSS MB")):
+        ours, ref = (statistics.median(r[i] for r in runs[s]) for s in ("ours", "reference"))
+        rows.append(row("overhead", f"no-op dvc repro, {n} stages vs DVC floor ({n} echo stages): {what}", ours, ref))
+    # which stages a change of one key per params section reruns
+    down = dag(proj/"dvc.yaml")
+    original = (proj/"params.yaml").read_text()
+    params = yaml.safe_load(original)
+    is_data = lambda s: s.split("@")[0] in DATA_STAGES
+    up = {s: {p for p, ds in down.items() if s in ds} for s in down}  # stage -> its direct upstream stages
+    # stages training needs that no data stage feeds (build_base): a data param must never rerun them
+    build_only = downstream(up, ["train"]) - downstream(down, [s for s in down if is_data(s)]) - {"train"}
+    table = []
+    try:
+        for section, key, value in SENSITIVITY:
+            (proj/"params.yaml").write_text(yaml.safe_dump(set_key(params, key, value), sort_keys=False))
+            t0 = time.perf_counter()
+            status = json.loads(dvc(proj, "status", "--json").stdout or "{}")
+            status_s = time.perf_counter() - t0
+            direct = sorted(status)
+            reruns = sorted(downstream(down, direct))
+            if section.startswith("data."):
+                rule, bad = "never reruns build_base", [s for s in reruns if s in build_only]
+            elif section in ("model", "lora", "train"):
+                rule, bad = "never reruns a data stage", [s for s in reruns if is_data(s)]
+            elif section == "eval":
+                rule, bad = "reruns only the evaluation", [s for s in reruns if is_data(s) or s in ("build_base", "train", "merge_model")]
+            else: rule, bad = "(seeds every stage)", []
+            table.append({"section": section, "key": f"{key} -> {value!r}", "changed": direct, "reruns": reruns,
+                          "rule": rule, "violations": bad, "ok": not bad, "status_s": round(status_s, 2)})
+    finally: (proj/"params.yaml").write_text(original)
+    return rows, table, {"stages": stages, "reps": reps, "runs": runs, "noop_ran_stages": ran, "first_repro_s": round(full_s, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------------- gpu
+def bench_gpu(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
+    probe = subprocess.run([PY, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True, env=bench_env())
+    if probe.stdout.strip() != "True":
+        print("  GPU section skipped: torch sees no CUDA device (bench/gpu.py --device cpu --shape tiny is its smoke test)", flush=True)
+        return [], {"skipped": "no CUDA device"}
+    out = tmp/"gpu.json"
+    argv = [PY, BENCH/"gpu.py", "--json", out] + (["--seqs", "1024", "--steps", "2", "--time-budget", "150"] if quick else [])
+    try: r = subprocess.run([str(a) for a in argv], env=bench_env(), timeout=600)
+    except subprocess.TimeoutExpired: return [], {"error": "bench/gpu.py ran over 600 s"}
+    if r.returncode or not out.exists(): return [], {"error": f"bench/gpu.py exited {r.returncode}"}
+    res = json.loads(out.read_text())
+    return gpu_rows(res), res
+
+
+def gpu_rows(res: dict) -> list[dict]:
+    "Table rows from bench/gpu.py's JSON: tokens/s, peak GB and MFU per sequence length (a status string where not ok)."
+    by = {(x["side"], x["seq"]): x for x in res["rows"]}
+    val = lambda x, k: x.get(k) if x.get("status", "").startswith("ok") else x.get("status")
+    rows = []
+    for seq in sorted({x["seq"] for x in res["rows"]}):
+        o, f = by.get(("ours", seq), {}), by.get(("reference", seq), {})
+        bs = f"batch {o.get('batch', o.get('asked_batch'))} vs {f.get('batch', f.get('asked_batch'))}"
+        name = f"QLoRA {res['shape']}-shape, seq {seq}, {bs} ({res['device']})"
+        rows += [row("gpu", f"{name}: tokens/s", val(o, "tokens_per_s"), val(f, "tokens_per_s"), 0),
+                 row("gpu", f"{name}: peak allocated GB", val(o, "peak_gb"), val(f, "peak_gb"), 2),
+                 row("gpu", f"{name}: MFU", val(o, "mfu"), val(f, "mfu"), 3)]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------- main
+def print_table(rows: list[dict]) -> None:
+    s = lambda v: "-" if v is None else str(v)
+    w = max(len(r["figure"]) for r in rows)
+    print(f"{'figure':<{w}}  {'ours':>10}  {'reference':>10}  {'ratio':>6}")
+    for r in rows: print(f"{r['figure']:<{w}}  {s(r['ours']):>10}  {s(r['reference']):>10}  {s(r['ratio']):>6}")
+
+
+def print_sensitivity(table: list[dict]) -> None:
+    print(f"\n{'params section':<14}  {'key changed':<34}  {'rule':<27}  ok   stages dvc repro would rerun (* = changed itself)")
+    for t in table:
+        stages = ", ".join(f"{s}*" if s in t["changed"] else s for s in t["reruns"]) or "(none)"
+        print(f"{t['section']:<14}  {t['key']:<34}  {t['rule']:<27}  {'yes' if t['ok'] else 'NO ':<3}  {stages}")
+        if t["violations"]: print(f"{'':<14}  VIOLATION: {', '.join(t['violations'])}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 rep, --rows 20000, half a training epoch, 2 no-op repros")
+    ap.add_argument("--reps", type=int, default=None, help="data section repetitions (default 3)")
+    ap.add_argument("--rows", type=int, default=None, help="rows of the generated parquet (default 1000000)")
+    ap.add_argument("--train-reps", type=int, default=None, help="training runs per side (default 3)")
+    ap.add_argument("--overhead-reps", type=int, default=None, help="no-op dvc repro runs per side (default 5)")
+    ap.add_argument("--variants", action="store_true",
+                    help=f"also train {', '.join(TRAIN_VARIANTS)} (slow on a CPU: about 4x the time of ours; off by default)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary projects (their path is printed)")
     a = ap.parse_args()
-    rows = bench_data(a.rows, a.reps)
-    w = max(len(r["figure"]) for r in rows)
-    print(f"{'figure':<{w}}  {'ours':>10}  {'reference':>10}  {'ratio':>6}")
-    for r in rows: print(f"{r['figure']:<{w}}  {r['ours']:>10}  {r['reference']:>10}  {r['ratio']:>6}")
-    res = ROOT/"bench"/"results"/f"{date.today()}-{platform.node() or 'machine'}.json"
-    res.write_text(json.dumps({"date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(),
-                               "python": sys.version.split()[0], "reps": a.reps, "results": rows}, indent=1) + "\n")
-    print(f"written to {res.relative_to(ROOT)}")
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    if bad := [s for s in only if s not in SECTIONS]: ap.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    q = a.quick
+    reps = a.reps or (1 if q else 3)
+    n_rows = a.rows or (20_000 if q else 1_000_000)
+    train_reps = a.train_reps or (1 if q else 3)
+    overhead_reps = a.overhead_reps or (2 if q else 5)
+    tmp = Path(tempfile.mkdtemp(prefix="llm-pipeline-bench-"))
+    rows, extra, t_all = [], {}, time.perf_counter()
+    try:
+        for section in only:
+            t0 = time.perf_counter()
+            print(f"== {section}", flush=True)
+            if section == "data": rows += bench_data(n_rows, reps)
+            elif section == "train":
+                r, extra["training"] = bench_train(train_reps, q, a.variants, tmp/"train"); rows += r
+            elif section == "overhead":
+                r, extra["params_sensitivity"], extra["overhead"] = bench_overhead(overhead_reps, tmp/"overhead"); rows += r
+            elif section == "gpu":
+                r, extra["gpu"] = bench_gpu(q, tmp/"gpu"); rows += r
+            print(f"   {section}: {time.perf_counter() - t0:.0f} s", flush=True)
+    finally:
+        if a.keep: print(f"temporary projects kept in {tmp}")
+        else: shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    if rows: print_table(rows)
+    if "params_sensitivity" in extra: print_sensitivity(extra["params_sensitivity"])
+    res = BENCH/"results"/f"{date.today()}-{platform.node() or 'machine'}{'-quick' if q else ''}.json"
+    old = json.loads(res.read_text()) if res.exists() else {}
+    keep = [r for r in old.get("results", []) if r.get("section", "data") not in only]  # a run with --only replaces its sections
+    settings = {"quick": q, "reps": reps, "rows": n_rows, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": a.variants}
+    doc = {**{k: v for k, v in old.items() if k not in ("results",)},
+           "date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+           "settings": {**old.get("settings", {}), **{s: settings for s in only}},
+           "wall_s": {**old.get("wall_s", {}), **{",".join(only): round(time.perf_counter() - t_all)}},
+           "results": keep + rows, **extra}
+    doc.pop("reps", None)
+    res.parent.mkdir(parents=True, exist_ok=True)
+    res.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(f"\nwritten to {res.relative_to(ROOT)} ({time.perf_counter() - t_all:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""One process of the CPU training benchmark (bench/run.py starts it; bench/README.md explains the figures).
+
+    python bench/train_side.py ours RUN_DIR OUT.json        # our `train` stage (llm-pipeline train --params RUN_DIR/params.yaml)
+    python bench/train_side.py reference RUN_DIR OUT.json   # bench/reference_train.py: the 2023 trainer configuration
+    python bench/train_side.py val-loss RUN_DIR OUT.json    # the adapter in RUN_DIR/models/adapter, measured on data/final/val.jsonl
+
+Both training sides run with the same instrumentation of transformers' `Trainer`, written to OUT.json:
+- `train_s`: wall time of `Trainer.train()` (model loading and dataset tokenization happen before it; evaluations
+  and checkpoint saves during training are inside it, and are also reported on their own: `eval_s`, `save_s`);
+- `tokens`: non-pad tokens of every training micro-batch fed to `training_step` (the sum of its attention mask;
+  a padding-free batch has no pad), `slots`: tokens including pad, `loss_tokens`: labels that are not -100.
+"""
+from __future__ import annotations
+import functools, json, sys, time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+
+def instrument(stats: dict) -> None:
+    "Count what `Trainer.training_step` is fed, and time `train`, `evaluate` and checkpoint saves, for every trainer."
+    from transformers import Trainer
+    from trl import SFTTrainer
+    stats.update(tokens=0, slots=0, loss_tokens=0, micro_batches=0, train_s=0.0, eval_s=0.0, save_s=0.0, evals=0, saves=0)
+    step = Trainer.training_step
+
+    @functools.wraps(step)
+    def training_step(self, model, inputs, *a, **kw):
+        ids, am, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+        stats["tokens"] += int(am.sum()) if am is not None else int(ids.numel())
+        stats["slots"] += int(ids.numel())
+        if labels is not None: stats["loss_tokens"] += int((labels != -100).sum())
+        stats["micro_batches"] += 1
+        return step(self, model, inputs, *a, **kw)
+
+    def timed(cls, name, key, count=None):
+        fn = getattr(cls, name)
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try: return fn(*a, **kw)
+            finally:
+                stats[key] += time.perf_counter() - t0
+                if count: stats[count] += 1
+        setattr(cls, name, wrapper)
+
+    Trainer.training_step = training_step
+    timed(Trainer, "train", "train_s")
+    timed(SFTTrainer, "evaluate", "eval_s", "evals")
+    timed(Trainer, "_save_checkpoint", "save_s", "saves")
+
+
+def assistant_losses(model, tok, rows: list[dict], max_length: int, batch_size: int = 16) -> dict:
+    "Summed loss and count over the assistant tokens of `rows`, split into end-of-turn (EOS) tokens and the rest."
+    import torch
+    from llm_pipeline.evaluate import assistant_labels
+    eos = tok.eos_token_id
+    acc = {"eos_sum": 0.0, "eos_n": 0, "other_sum": 0.0, "other_n": 0}
+    for i in range(0, len(rows), batch_size):
+        pairs = [assistant_labels(tok, r["messages"], max_length) for r in rows[i:i + batch_size]]
+        L = max(len(x) for x, _ in pairs)
+        ids = torch.tensor([x + [tok.pad_token_id] * (L - len(x)) for x, _ in pairs])
+        lab = torch.tensor([y + [-100] * (L - len(y)) for _, y in pairs])
+        with torch.no_grad(): logits = model(input_ids=ids, attention_mask=(lab != -100) | (ids != tok.pad_token_id)).logits.float()
+        tgt = lab[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                ignore_index=-100, reduction="none").view_as(tgt)
+        is_eos, valid = tgt == eos, tgt != -100
+        acc["eos_sum"] += float(nll[valid & is_eos].sum()); acc["eos_n"] += int((valid & is_eos).sum())
+        acc["other_sum"] += float(nll[valid & ~is_eos].sum()); acc["other_n"] += int((valid & ~is_eos).sum())
+    return acc
+
+
+def val_loss_of(run_dir: Path) -> dict:
+    """The adapter in RUN_DIR merged into the base, measured as `sanity_check` measures a model: `llm_pipeline.evaluate.val_loss` (token-weighted
+    mean cross-entropy over the assistant tokens, end-of-turn included) on every row of data/final/val.jsonl, with the
+    base's own tokenizer (distinct pad), at `train.max_length`; plus that loss split into end-of-turn tokens and the rest."""
+    from peft import PeftModel
+    from llm_pipeline.config import Paths, load_params
+    from llm_pipeline.data import read_jsonl
+    from llm_pipeline.evaluate import val_loss
+    from llm_pipeline.model import load_base_model, load_tokenizer
+    cfg, paths = load_params(run_dir/"params.yaml"), Paths(run_dir)
+    tok = load_tokenizer(cfg, paths)
+    # merged, as sanity_check measures models/merged (same losses as the unmerged PeftModel to ~1e-7, and 1.6x faster here)
+    model = PeftModel.from_pretrained(load_base_model(cfg, paths, quantization="none", tokenizer=tok), paths.adapter).merge_and_unload().eval()
+    rows = read_jsonl(paths.final("val"))
+    acc = assistant_losses(model, tok, rows, cfg.train.max_length)
+    return {"val_loss": val_loss(model, tok, rows, cfg.train.max_length), "val_rows": len(rows),
+            "val_loss_eos": acc["eos_sum"] / max(acc["eos_n"], 1), "val_loss_excl_eos": acc["other_sum"] / max(acc["other_n"], 1),
+            "eos_tokens": acc["eos_n"], "other_tokens": acc["other_n"]}
+
+
+def main(argv: list[str]) -> None:
+    side, run_dir, out = argv[0], Path(argv[1]).resolve(), Path(argv[2])
+    if side == "val-loss":
+        out.write_text(json.dumps(val_loss_of(run_dir)))
+        return
+    stats: dict = {}
+    instrument(stats)
+    if side == "ours":
+        from llm_pipeline.cli import main as cli
+        if rc := cli(["train", "--params", str(run_dir/"params.yaml")]): sys.exit(rc)
+        rep = json.loads((run_dir/"reports"/"train"/"train.json").read_text())
+        stats.update(global_step=rep["global_step"], train_loss=rep["train_loss"], final_eval_loss=rep["final_eval_loss"],
+                     rows=rep["lengths"]["rows_used"])
+    elif side == "reference":
+        sys.path.insert(0, str(BENCH))
+        import reference_train
+        stats.update(reference_train.main(run_dir))
+    else: sys.exit(f"unknown side {side!r}: ours | reference | val-loss")
+    out.write_text(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
