@@ -54,7 +54,7 @@ def process(src: Path) -> Path:
     import nbdev.doclinks
     from nbdev.quarto import nbdev_sidebar, refresh_quarto_yml
     from nbdev.serve import proc_nbs
-    refresh_quarto_yml()  # writes nbs/_quarto.yml and nbs/nbdev.yml only if they are missing (they are committed)
+    refresh_quarto_yml()  # nbs/_quarto.yml if missing, nbs/nbdev.yml from pyproject.toml (both committed)
     for f in ("_quarto.yml", "nbdev.yml", "styles.css"): shutil.copy(ROOT/"nbs"/f, src/f)
     nbdev.doclinks._build_modidx()
     nbdev_sidebar.__wrapped__(path=src, force=True)

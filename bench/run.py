@@ -356,6 +356,7 @@ def bench_gpu(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     if probe.stdout.strip() != "True":
         print("  GPU section skipped: torch sees no CUDA device (bench/gpu.py --device cpu --shape tiny is its smoke test)", flush=True)
         return [], {"skipped": "no CUDA device"}
+    tmp.mkdir(parents=True, exist_ok=True)
     out = tmp/"gpu.json"
     argv = [PY, BENCH/"gpu.py", "--json", out] + (["--seqs", "1024", "--steps", "2", "--time-budget", "150"] if quick else [])
     try: r = subprocess.run([str(a) for a in argv], env=bench_env(), timeout=600)

@@ -15,13 +15,16 @@ from .data import read_jsonl, write_json
 from .model import BASE_FILE, compute_dtype, is_fsdp, load_base_model, load_tokenizer
 
 # %% auto #0
-__all__ = ['MARKER', 'NOT_IN_FINGERPRINT', 'file_sha256', 'run_fingerprint', 'fingerprint_diff', 'checkpoint_step',
-           'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume', 'CheckpointMarker',
-           'global_step_dvclive_callback', 'use_dvclive', 'has_generation_tags', 'training_rows', 'sft_config',
-           'lora_config', 'token_lengths', 'fit_length', 'plot_losses', 'run_train_loss', 'finished', 'train']
+__all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'NOT_IN_FINGERPRINT', 'file_sha256', 'run_fingerprint', 'fingerprint_diff',
+           'checkpoint_step', 'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume',
+           'CheckpointMarker', 'global_step_dvclive_callback', 'use_dvclive', 'has_generation_tags', 'training_rows',
+           'sft_config', 'lora_config', 'token_lengths', 'fit_length', 'plot_losses', 'run_train_loss', 'finished',
+           'train']
 
 # %% ../nbs/05_train.ipynb #a35e9757
 MARKER = "llm_pipeline_complete.json"
+FINAL_LOG = "llm_pipeline_final_log.json"  # the finished run's whole log, beside its last checkpoint
+FINAL_DVCLIVE = "dvclive-final"  # and its final dvclive history
 # where, how often and on how many processes, not what: a job recovered on another cluster shape resumes its run
 NOT_IN_FINGERPRINT = ("checkpoint_dir", "save_total_limit", "logging_steps", "launcher", "num_processes", "accelerate_config")
 
@@ -124,6 +127,13 @@ class CheckpointMarker(_trainer_callback_base()):
         tmp.write_text(json.dumps({"step": state.global_step, "fingerprint": self.fp, "time": time.time(),
                                    "files": checkpoint_files(ck)}, indent=1))
         os.replace(tmp, ck/MARKER)
+    def on_train_end(self, args, state, control, **kwargs):
+        # the last checkpoint is saved before the run's final evaluation and its train-loss summary are logged: keep the
+        # final log beside it (not in the marker's file list), so a rerun of the finished run reports the same numbers
+        ck = Path(args.output_dir)/f"checkpoint-{state.global_step}"
+        if not (state.is_world_process_zero and (ck/MARKER).exists()): return
+        (ck/FINAL_LOG).write_text(json.dumps(state.log_history))
+        if self.dvclive_dir and Path(self.dvclive_dir).is_dir(): shutil.copytree(self.dvclive_dir, ck/FINAL_DVCLIVE, dirs_exist_ok=True)
 
 # %% ../nbs/05_train.ipynb #73b8ec7b
 def global_step_dvclive_callback(live_dir: Path, resume_from: Path | None):
@@ -266,6 +276,10 @@ def train(cfg: Config, paths: Paths) -> dict:
             if p.requires_grad: p.data = p.data.float()
     use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume) if main else None)
     trainer.add_callback(CheckpointMarker(fp, live_dir))
+    if resume is not None and is_fsdp() and finished(resume):
+        # a sharded checkpoint cannot be reloaded without the Trainer, which would take one step past max_steps
+        raise SystemExit(f"train: {resume} is the end of run {fp['id']} already; under FSDP it cannot be reloaded without "
+                         f"training one step more. Delete {resume.parent} to train it again, or change a param")
     if resume is not None and not is_fsdp() and finished(resume):
         # a finished run's last checkpoint: Trainer.train would take one step past max_steps; load its weights instead
         from peft import set_peft_model_state_dict
@@ -273,7 +287,11 @@ def train(cfg: Config, paths: Paths) -> dict:
         from transformers import TrainerState
         set_peft_model_state_dict(trainer.model, load_file(str(resume/"adapter_model.safetensors")))
         trainer.state = TrainerState.load_from_json(str(resume/"trainer_state.json"))
-        train_loss = run_train_loss(trainer.state.log_history)
+        if (resume/FINAL_LOG).exists(): trainer.state.log_history = json.loads((resume/FINAL_LOG).read_text())
+        if main and (resume/FINAL_DVCLIVE).is_dir(): shutil.copytree(resume/FINAL_DVCLIVE, live_dir, dirs_exist_ok=True)
+        elif cfg.train.eval_strategy != "no": trainer.evaluate()  # a run from before the final log was kept
+        train_loss = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h),
+                          None) or run_train_loss(trainer.state.log_history)
         if main: print(f"train: {resume.name} is the end of this run: nothing left to train", file=sys.stderr)
     else:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
