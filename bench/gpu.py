@@ -117,11 +117,10 @@ def make_optimizer(model, device):
     return torch.optim.AdamW(params, lr=2e-4), "adamw_torch"
 
 
-def run_config(model, batch: int, seq: int, warmup: int, steps: int, device, vocab: int, deadline: float) -> dict:
+def run_config(model, opt, batch: int, seq: int, warmup: int, steps: int, device, vocab: int, deadline: float) -> dict:
     "Train `warmup` + `steps` steps on random full-length batches; tokens/s of the timed steps and peak memory."
     import torch
     cuda = device.type == "cuda"
-    opt, opt_name = make_optimizer(model, device)
     if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     g = torch.Generator(device="cpu").manual_seed(seq)
     model.train()
@@ -140,9 +139,9 @@ def run_config(model, batch: int, seq: int, warmup: int, steps: int, device, voc
     if cuda: torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     out = {"batch": batch, "seq": seq, "timed_steps": done, "timed_s": round(dt, 3), "tokens_per_s": batch * seq * done / dt,
-           "loss": float(loss.detach()), "optimizer": opt_name}
+           "loss": float(loss.detach())}
     out["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    del opt; gc.collect()
+    gc.collect()
     if cuda: torch.cuda.empty_cache()
     return out
 
@@ -153,7 +152,7 @@ def is_oom(e: BaseException) -> bool:
 
 
 def bench_side(name: str, shape: str, seqs: list[int], warmup: int, steps: int, device, peak, deadline: float,
-               batch: int | None = None) -> list[dict]:
+               batch: int | None = None, on_row=lambda row: None) -> list[dict]:
     import torch
     side = dict(SIDES[name])
     rows = []
@@ -163,8 +162,13 @@ def bench_side(name: str, shape: str, seqs: list[int], warmup: int, steps: int, 
         build_s = time.perf_counter() - t
     except Exception as e:
         kind = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
-        return [{"side": name, "seq": s, "status": f"build {kind}"} for s in seqs]
+        rows = [{"side": name, "seq": s, "status": f"build {kind}"} for s in seqs]
+        for r in rows: on_row(r)
+        return rows
     counts = flop_counts(model, shape)
+    # one optimizer per side, reused across sequence lengths and OOM retries: bitsandbytes never frees a paged buffer
+    # (CUDA managed memory, about 1.3 GB of Adam state here), so an optimizer per configuration would leak one each
+    opt, opt_name = make_optimizer(model, device)
     for seq in seqs:
         asked = batch or side["batch"]
         b, row = asked, None
@@ -172,13 +176,14 @@ def bench_side(name: str, shape: str, seqs: list[int], warmup: int, steps: int, 
             if time.monotonic() > deadline: row = {"status": "skipped (time budget)"}; break
             oom = False
             try:
-                row = {"status": "ok", **run_config(model, b, seq, warmup, steps, device, SHAPES[shape]["vocab_size"], deadline)}
+                row = {"status": "ok", "optimizer": opt_name,
+                       **run_config(model, opt, b, seq, warmup, steps, device, SHAPES[shape]["vocab_size"], deadline)}
                 break
             except Exception as e:
                 if not is_oom(e): row = {"status": f"error: {type(e).__name__}: {str(e)[:200]}"}; break
                 oom = True
             if oom:  # outside the except block, so the failed step's frames (and their activations) are gone
-                model.zero_grad(set_to_none=True); gc.collect()
+                opt.zero_grad(set_to_none=True); model.zero_grad(set_to_none=True); gc.collect()
                 if device.type == "cuda": torch.cuda.empty_cache()
                 b //= 2
         if row is None: row = {"status": "OOM at batch 1"}
@@ -189,7 +194,8 @@ def bench_side(name: str, shape: str, seqs: list[int], warmup: int, steps: int, 
             row["mfu"] = fpt * row["tokens_per_s"] / (peak * 1e12) if peak else None
         rows.append({"side": name, "seq": seq, "asked_batch": asked, "build_s": round(build_s, 1), **counts, **row})
         print(json.dumps(rows[-1]), flush=True)
-    del model; gc.collect()
+        on_row(rows[-1])
+    del model, opt; gc.collect()
     if device.type == "cuda": torch.cuda.empty_cache()
     return rows
 
@@ -206,6 +212,8 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=420, help="seconds; configs past it are reported as skipped")
     ap.add_argument("--json", default=None, help="write the rows here")
     a = ap.parse_args(argv)
+    if (a.steps is not None and a.steps < 1) or (a.warmup is not None and a.warmup < 0):
+        ap.error("--steps must be at least 1 (the timed steps) and --warmup at least 0")
     import torch
     tiny = a.shape == "tiny"
     seqs = [int(s) for s in (a.seqs or ("64,128" if tiny else "1024,2048")).split(",")]
@@ -218,13 +226,16 @@ def main(argv=None):
     t0 = time.monotonic()
     deadline = t0 + a.time_budget
     print(f"bench/gpu.py: {name}, peak bf16 {peak} TFLOPs, shape {a.shape}, seqs {seqs}", flush=True)
-    rows = []
+    res = {"device": name, "peak_bf16_tflops": peak, "shape": a.shape, "torch": torch.__version__, "rows": [], "complete": False}
+    def save(row=None):  # after every row, so a run cut short (a killed job, a lost machine) keeps what it measured
+        if row is not None: res["rows"].append(row)
+        res["wall_s"] = round(time.monotonic() - t0, 1)
+        if device.type != "cuda": res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if a.json: open(a.json, "w").write(json.dumps(res, indent=1) + "\n")
     for s in a.sides.split(","):
-        rows += bench_side(s, a.shape, seqs, warmup, steps, device, peak, deadline, a.batch)
-    res = {"device": name, "peak_bf16_tflops": peak, "shape": a.shape, "torch": torch.__version__,
-           "wall_s": round(time.monotonic() - t0, 1), "rows": rows}
-    if device.type != "cuda": res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if a.json: open(a.json, "w").write(json.dumps(res, indent=1) + "\n")
+        bench_side(s, a.shape, seqs, warmup, steps, device, peak, deadline, a.batch, on_row=save)
+    res["complete"] = True
+    save()
     print(f"bench/gpu.py: done in {res['wall_s']} s", flush=True)
     return res
 

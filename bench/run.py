@@ -15,7 +15,7 @@ Sections:
   batch 8, eval every 10 steps, group_by_length, pad = EOS, no packing, loss on prompts), on the embedded tiny model and
   the bundled sample data, same rows and epochs: non-pad tokens per second of `Trainer.train()`, its wall time, the
   whole process's wall time ("stage wall"), peak RSS, and the val loss of each adapter measured the same way afterwards
-  (assistant tokens of data/final/val.jsonl). `--variants` adds "ours + <params override>" rows.
+  (assistant tokens of data/final/val.jsonl). `--variants` adds rows for "before" variants and params alternatives.
 - overhead: a no-op `dvc repro` of a copy of the project (reproduced once, with a 5-step training) vs DVC's own floor
   (as many `echo` stages chained by deps); then, for one key of every params section, the stages `dvc status` marks
   changed and the ones `dvc repro` would rerun (with their downstream), checked against the rule "data params never
@@ -26,7 +26,7 @@ Sections:
 Durations on 2 quiet cores (2026-11-28): data 2.5 min, train 3 x (ours 2.7 + reference 3.8 + val losses 0.7) min, overhead 2 min.
 """
 from __future__ import annotations
-import argparse, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, platform, re, shutil, statistics, subprocess, sys, tempfile, time
 from datetime import date
 from pathlib import Path
 
@@ -149,9 +149,10 @@ def bench_data(rows: int, reps: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------------------- train
-# name: (bench/train_side.py side, params overrides). The variants are "ours" with a params override our Config supports.
 TRAIN_SIDES = {"ours": ("ours", {}), "reference": ("reference", {})}
-TRAIN_VARIANTS = {"ours + packing": ("ours", {"train": {"packing": True}})}
+# `--variants KEY,...` adds them to the training section: the "before" of an improvement, or a params alternative.
+TRAIN_VARIANTS = {"full-head": ("ours, every position to the LM head", "ours-full-head", {}),  # before compact_lm_head
+                  "packing": ("ours + packing", "ours", {"train": {"packing": True}})}
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -183,17 +184,17 @@ def make_run(base: Path, run: Path, overrides: dict) -> Path:
     return run
 
 
-def bench_train(reps: int, quick: bool, variants: bool, tmp: Path) -> tuple[list[dict], dict]:
+def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path) -> tuple[list[dict], dict]:
     import yaml
     base = tmp/"base"
     prep_s = prepare_train_project(base)
     over = {"train": {"num_train_epochs": 0.5}} if quick else {}  # quick: half an epoch (about the same rows)
     epochs = deep_merge(yaml.safe_load((base/"params.yaml").read_text()), over)["train"]["num_train_epochs"]
-    sides = {**TRAIN_SIDES, **(TRAIN_VARIANTS if variants else {})}
+    sides = {**TRAIN_SIDES, **{TRAIN_VARIANTS[v][0]: TRAIN_VARIANTS[v][1:] for v in variants}}
     runs = {s: [] for s in sides}
     for rep in range(reps):
         for name, (kind, ov) in sides.items():  # alternating
-            rd = make_run(base, tmp/f"{name.replace(' + ', '+')}-{rep}", deep_merge(over, ov))
+            rd = make_run(base, tmp/f"{re.sub(r'[^A-Za-z0-9+]+', '-', name)}-{rep}", deep_merge(over, ov))
             wall, rss = measure_argv([PY, BENCH/"train_side.py", kind, rd, rd/"stats.json"])
             st = {**json.loads((rd/"stats.json").read_text()), "stage_wall_s": wall, "peak_rss_mb": rss}
             measure_argv([PY, BENCH/"train_side.py", "val-loss", rd, rd/"val.json"])  # afterwards, not timed
@@ -359,10 +360,11 @@ def bench_gpu(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     tmp.mkdir(parents=True, exist_ok=True)
     out = tmp/"gpu.json"
     argv = [PY, BENCH/"gpu.py", "--json", out] + (["--seqs", "1024", "--steps", "2", "--time-budget", "150"] if quick else [])
-    try: r = subprocess.run([str(a) for a in argv], env=bench_env(), timeout=600)
-    except subprocess.TimeoutExpired: return [], {"error": "bench/gpu.py ran over 600 s"}
-    if r.returncode or not out.exists(): return [], {"error": f"bench/gpu.py exited {r.returncode}"}
-    res = json.loads(out.read_text())
+    try: rc = subprocess.run([str(a) for a in argv], env=bench_env(), timeout=600).returncode
+    except subprocess.TimeoutExpired: rc = "a timeout (600 s)"
+    if not out.exists(): return [], {"error": f"bench/gpu.py ended with {rc} before its first row"}
+    res = json.loads(out.read_text())  # written after every row: a run cut short keeps what it measured
+    if rc: res["error"] = f"bench/gpu.py ended with {rc}; the rows measured before it are kept"
     return gpu_rows(res), res
 
 
@@ -405,11 +407,13 @@ def main():
     ap.add_argument("--rows", type=int, default=None, help="rows of the generated parquet (default 1000000)")
     ap.add_argument("--train-reps", type=int, default=None, help="training runs per side (default 3)")
     ap.add_argument("--overhead-reps", type=int, default=None, help="no-op dvc repro runs per side (default 5)")
-    ap.add_argument("--variants", action="store_true",
-                    help=f"also train {', '.join(TRAIN_VARIANTS)} (slow on a CPU: about 4x the time of ours; off by default)")
+    ap.add_argument("--variants", default="", help="comma-separated training variants to add: " + ", ".join(
+        f"{k} ({v[0]})" for k, v in TRAIN_VARIANTS.items()) + "; packing is slow on a CPU (about 4x ours)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects (their path is printed)")
     a = ap.parse_args()
     only = [s.strip() for s in a.only.split(",") if s.strip()]
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    if bad := [v for v in variants if v not in TRAIN_VARIANTS]: ap.error(f"unknown variant(s) {bad}; choose from {list(TRAIN_VARIANTS)}")
     if bad := [s for s in only if s not in SECTIONS]: ap.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
     q = a.quick
     reps = a.reps or (1 if q else 3)
@@ -424,7 +428,7 @@ def main():
             print(f"== {section}", flush=True)
             if section == "data": rows += bench_data(n_rows, reps)
             elif section == "train":
-                r, extra["training"] = bench_train(train_reps, q, a.variants, tmp/"train"); rows += r
+                r, extra["training"] = bench_train(train_reps, q, variants, tmp/"train"); rows += r
             elif section == "overhead":
                 r, extra["params_sensitivity"], extra["overhead"] = bench_overhead(overhead_reps, tmp/"overhead"); rows += r
             elif section == "gpu":
@@ -439,7 +443,7 @@ def main():
     res = BENCH/"results"/f"{date.today()}-{platform.node() or 'machine'}{'-quick' if q else ''}.json"
     old = json.loads(res.read_text()) if res.exists() else {}
     keep = [r for r in old.get("results", []) if r.get("section", "data") not in only]  # a run with --only replaces its sections
-    settings = {"quick": q, "reps": reps, "rows": n_rows, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": a.variants}
+    settings = {"quick": q, "reps": reps, "rows": n_rows, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": variants}
     doc = {**{k: v for k, v in old.items() if k not in ("results",)},
            "date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
            "settings": {**old.get("settings", {}), **{s: settings for s in only}},

@@ -1,6 +1,7 @@
 """One process of the CPU training benchmark (bench/run.py starts it; bench/README.md explains the figures).
 
     python bench/train_side.py ours RUN_DIR OUT.json        # our `train` stage (llm-pipeline train --params RUN_DIR/params.yaml)
+    python bench/train_side.py ours-full-head RUN_DIR OUT.json   # the same without `compact_lm_head` (the "before" of that change)
     python bench/train_side.py reference RUN_DIR OUT.json   # bench/reference_train.py: the 2023 trainer configuration
     python bench/train_side.py val-loss RUN_DIR OUT.json    # the adapter in RUN_DIR/models/adapter, measured on data/final/val.jsonl
 
@@ -98,8 +99,11 @@ def main(argv: list[str]) -> None:
         return
     stats: dict = {}
     instrument(stats)
-    if side == "ours":
+    if side in ("ours", "ours-full-head"):
         from llm_pipeline.cli import main as cli
+        if side == "ours-full-head":  # before `compact_lm_head`: TRL's own CPU path, every position through the LM head
+            import llm_pipeline.train
+            llm_pipeline.train.compact_lm_head = lambda: False
         if rc := cli(["train", "--params", str(run_dir/"params.yaml")]): sys.exit(rc)
         rep = json.loads((run_dir/"reports"/"train"/"train.json").read_text())
         stats.update(global_step=rep["global_step"], train_loss=rep["train_loss"], final_eval_loss=rep["final_eval_loss"],
@@ -108,7 +112,7 @@ def main(argv: list[str]) -> None:
         sys.path.insert(0, str(BENCH))
         import reference_train
         stats.update(reference_train.main(run_dir))
-    else: sys.exit(f"unknown side {side!r}: ours | reference | val-loss")
+    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | reference | val-loss")
     out.write_text(json.dumps(stats))
 
 

@@ -19,10 +19,10 @@ from .config import Config, Paths, SourceCfg
 
 # %% auto #0
 __all__ = ['LOCAL_SUFFIXES', 'ORCA', 'PLATYPUS', 'DataError', 'Report', 'write_json', 'write_jsonl', 'read_jsonl', 'RowSource',
-           'Drop', 'JsonlSource', 'decode_json_line', 'JsonArraySource', 'ParquetSource', 'HubSource', 'StreamSource',
-           'open_source', 'Schema', 'row_problem', 'norm_text', 'prompt_key', 'short_hash', 'conversation_key',
-           'chat_row', 'subset_count', 'select_rows', 'process_source', 'process_orca_data', 'process_platypus_data',
-           'malformed_orca_fixture']
+           'Drop', 'JsonlSource', 'decode_json_line', 'JsonArraySource', 'ParquetSource', 'take_rows', 'HubSource',
+           'StreamSource', 'open_source', 'Schema', 'row_problem', 'norm_text', 'prompt_key', 'short_hash',
+           'conversation_key', 'chat_row', 'subset_count', 'select_rows', 'process_source', 'process_orca_data',
+           'process_platypus_data', 'malformed_orca_fixture']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
 class DataError(ValueError):
@@ -149,16 +149,22 @@ class ParquetSource(RowSource):
         self.starts = np.cumsum([0] + sizes)
     def __len__(self): return int(self.starts[-1])
     def rows(self, idxs):
-        idxs = list(idxs)
+        idxs = np.asarray(idxs, dtype=np.int64)
         groups = np.searchsorted(self.starts, idxs, side="right") - 1
         got = {}
-        for g in sorted(set(groups.tolist())):
+        for g in np.unique(groups).tolist():
             try: tbl = self.pf.read_row_group(g, columns=self.want)
             except Exception as e: raise DataError(f"{self.path}: row group {g} is unreadable ({type(e).__name__}: {e})") from None
-            local = [i - int(self.starts[g]) for i, gg in zip(idxs, groups) if gg == g]
-            for i, row in zip(local, tbl.take(local).to_pylist()): got[i + int(self.starts[g])] = row
+            local = idxs[groups == g] - self.starts[g]
+            got.update(zip((local + self.starts[g]).tolist(), take_rows(tbl, local, few=len(idxs) < 20_000)))
             del tbl
-        for i in idxs: yield i, f"row {i}", got[i]
+        for i in idxs.tolist(): yield i, f"row {i}", got[i]
+
+def take_rows(tbl, local: np.ndarray, few: bool) -> list[dict]:
+    "Rows `local` of an Arrow table as dicts: one scalar at a time for a few rows, else `Table.take` (whose first call imports pandas: 0.4 s)."
+    if not few: return tbl.take(local).to_pylist()
+    cols = [c.combine_chunks() for c in tbl.columns]
+    return [dict(zip(tbl.column_names, (c[i].as_py() for c in cols))) for i in local.tolist()]
 
 # %% ../nbs/01_data.ipynb #66dc0df4
 class HubSource(RowSource):
@@ -293,17 +299,19 @@ def select_rows(src: RowSource, schema: Schema, subset_size, seed: int, report: 
     kept, seen, seen_cols, examined = {}, set(), set(), 0
     with tqdm(total=want if n is not None or subset_size else None, desc=f"{schema.source}: selecting",
               unit="row", disable=None, leave=False) as bar:
-        # a shuffled subset asks for all its candidates at once, so a parquet row group is decoded once, not once a chunk
-        step = chunk if subset_size is None or want == float("inf") else max(chunk, int(want))
+        # a shuffled subset asks for its candidates at once (a parquet row group is decoded once, not once a chunk),
+        # and no more than it needs (a small subset decodes only the row groups its rows are in)
+        step = chunk if subset_size is None or want == float("inf") else max(64, int(want))
         for i, where, raw in src.ordered(subset_size is not None, seed, step):
             if len(kept) >= want: break
             examined += 1
             if isinstance(raw, Drop): report.drop(raw.reason, where); continue
             seen_cols.update(raw)
             if (why := row_problem(raw, schema)): report.drop(why, where); continue
-            row = chat_row(schema, raw)
-            if (k := conversation_key(row["messages"])) in seen: report.drop("duplicate", where); continue
-            seen.add(k); kept[i] = row; bar.update(1)
+            row = chat_row(schema, raw)  # its id is a hash of the exact conversation: equal ids are duplicates
+            if row["id"] in seen: report.drop("duplicate", where); continue
+            seen.add(row["id"]); kept[i] = row; bar.update(1)
+            if len(kept) >= want: break  # before asking for the next row, which may start reading the next chunk
     report.rows_in = n if n is not None else examined
     if n is None and len(kept) >= want: report.extra["stream"] = f"read {examined} rows; the stream's length is unknown, the rest was not read"
     if report.rows_in - examined: report.drop("not_sampled", n=report.rows_in - examined)

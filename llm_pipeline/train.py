@@ -18,8 +18,8 @@ from .model import BASE_FILE, compute_dtype, is_fsdp, load_base_model, load_toke
 __all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'NOT_IN_FINGERPRINT', 'file_sha256', 'run_fingerprint', 'fingerprint_diff',
            'checkpoint_step', 'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume',
            'CheckpointMarker', 'global_step_dvclive_callback', 'use_dvclive', 'has_generation_tags', 'training_rows',
-           'sft_config', 'lora_config', 'token_lengths', 'fit_length', 'plot_losses', 'run_train_loss', 'finished',
-           'train']
+           'sft_config', 'lora_config', 'compact_lm_head', 'token_lengths', 'fit_length', 'plot_losses',
+           'run_train_loss', 'finished', 'train']
 
 # %% ../nbs/05_train.ipynb #a35e9757
 MARKER = "llm_pipeline_complete.json"
@@ -193,6 +193,18 @@ def lora_config(cfg: Config):
                       modules_to_save=l.modules_to_save, task_type="CAUSAL_LM")
 
 # %% ../nbs/05_train.ipynb #1a15d521
+def compact_lm_head() -> bool:
+    "Let TRL's fused LM head skip unlabelled positions on CPU as it does on CUDA; False when this TRL has no such switch."
+    import trl.trainer.utils as U
+    use = getattr(U, "_use_triton", None)
+    if getattr(use, "compact_cpu", False): return True
+    if use is None or "compact = _use_triton(" not in Path(U.__file__).read_text(): return False  # TRL changed: leave it
+    compact = lambda device: use(device) or device.type == "cpu"  # in TRL's utils only the compact choice reads this name
+    compact.compact_cpu, compact.__wrapped__ = True, use
+    U._use_triton = compact
+    return True
+
+# %% ../nbs/05_train.ipynb #4c88ef97
 def token_lengths(rows: list[dict], tok) -> list[int]:
     "Tokens of each conversation as the trainer will see it."
     return [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
@@ -209,7 +221,7 @@ def fit_length(rows: list[dict], lengths: list[int], max_length: int, overlong: 
     rep["rows_used"] = len(rows)
     return rows, rep
 
-# %% ../nbs/05_train.ipynb #76505bb0
+# %% ../nbs/05_train.ipynb #98adaa27
 def plot_losses(log_history: list[dict], path: Path) -> None:
     "Training and validation loss against the global step, as a PNG."
     import matplotlib; matplotlib.use("Agg")
@@ -266,6 +278,7 @@ def train(cfg: Config, paths: Paths) -> dict:
     if cfg.model.quantization != "none" and not is_fsdp():  # under FSDP it would mix dtypes in a shard: TRL skips it there too
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     live_dir = paths.root/"dvclive"
+    compact_lm_head()
     trainer = SFTTrainer(model=model, args=args,
                          train_dataset=Dataset.from_list(training_rows(train_rows, tok)),
                          eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
