@@ -65,9 +65,11 @@ def _atomic_write(path: Path, write: Callable) -> None:
 def write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
+_JSONL = json.JSONEncoder(ensure_ascii=False)  # built once: `json.dumps` with any option builds an encoder every call
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     "Write one JSON object a line, UTF-8, unicode kept as is."
-    _atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    _atomic_write(path, lambda f: f.writelines(_JSONL.encode(r) + "\n" for r in rows))
 
 def read_jsonl(path: Path) -> list[dict]:
     "Read a JSONL file written by this pipeline (trusted: errors are bugs, not data problems)."
@@ -273,9 +275,11 @@ def prompt_key(messages: list[dict]) -> str:
 
 def short_hash(s: str) -> str: return hashlib.sha1(s.encode("utf-8")).hexdigest()[:16]
 
+_KEY = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+
 def conversation_key(messages: list[dict]) -> str:
-    "Exact identity of a conversation (for de-duplication)."
-    return json.dumps(messages, ensure_ascii=False, sort_keys=True)
+    "Exact identity of a conversation (for de-duplication): its JSON with sorted keys."
+    return _KEY.encode(messages)
 
 def chat_row(schema: Schema, raw: dict) -> dict:
     "A valid upstream row as a chat row."
