@@ -448,7 +448,7 @@ def main():
            "date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
            "settings": {**old.get("settings", {}), **{s: settings for s in only}},
            "wall_s": {**old.get("wall_s", {}), **{",".join(only): round(time.perf_counter() - t_all)}},
-           "results": keep + rows, **extra}
+           "results": sorted(keep + rows, key=lambda r: SECTIONS.index(r.get("section", "data"))), **extra}
     doc.pop("reps", None)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.write_text(json.dumps(doc, indent=1, default=str) + "\n")

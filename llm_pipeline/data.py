@@ -19,10 +19,10 @@ from .config import Config, Paths, SourceCfg
 
 # %% auto #0
 __all__ = ['LOCAL_SUFFIXES', 'ORCA', 'PLATYPUS', 'DataError', 'Report', 'write_json', 'write_jsonl', 'read_jsonl', 'RowSource',
-           'Drop', 'JsonlSource', 'decode_json_line', 'JsonArraySource', 'ParquetSource', 'take_rows', 'HubSource',
-           'StreamSource', 'open_source', 'Schema', 'row_problem', 'norm_text', 'prompt_key', 'short_hash',
-           'conversation_key', 'chat_row', 'subset_count', 'select_rows', 'process_source', 'process_orca_data',
-           'process_platypus_data', 'malformed_orca_fixture']
+           'Drop', 'JsonlSource', 'decode_json_line', 'JsonArraySource', 'ParquetSource', 'HubSource', 'StreamSource',
+           'open_source', 'Schema', 'row_problem', 'norm_text', 'prompt_key', 'short_hash', 'conversation_key',
+           'chat_row', 'subset_count', 'select_rows', 'process_source', 'process_orca_data', 'process_platypus_data',
+           'malformed_orca_fixture']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
 class DataError(ValueError):
@@ -140,6 +140,7 @@ class JsonArraySource(RowSource):
 # %% ../nbs/01_data.ipynb #063f1f1e
 class ParquetSource(RowSource):
     "A `.parquet` file: rows are read one row group at a time, only the groups that hold requested rows."
+    FEW, BATCH = 20_000, 1024  # a request for fewer rows decodes each group only up to its last row asked for, in batches
     def __init__(self, path: Path, columns: Iterable[str]):
         import pyarrow.parquet as pq
         self.path = Path(path)
@@ -153,20 +154,26 @@ class ParquetSource(RowSource):
     def rows(self, idxs):
         idxs = np.asarray(idxs, dtype=np.int64)
         groups = np.searchsorted(self.starts, idxs, side="right") - 1
+        read = self._few if len(idxs) < self.FEW else self._many
         got = {}
         for g in np.unique(groups).tolist():
-            try: tbl = self.pf.read_row_group(g, columns=self.want)
-            except Exception as e: raise DataError(f"{self.path}: row group {g} is unreadable ({type(e).__name__}: {e})") from None
             local = idxs[groups == g] - self.starts[g]
-            got.update(zip((local + self.starts[g]).tolist(), take_rows(tbl, local, few=len(idxs) < 20_000)))
-            del tbl
+            try: got.update(zip((local + self.starts[g]).tolist(), read(g, local)))
+            except Exception as e: raise DataError(f"{self.path}: row group {g} is unreadable ({type(e).__name__}: {e})") from None
         for i in idxs.tolist(): yield i, f"row {i}", got[i]
 
-def take_rows(tbl, local: np.ndarray, few: bool) -> list[dict]:
-    "Rows `local` of an Arrow table as dicts: one scalar at a time for a few rows, else `Table.take` (whose first call imports pandas: 0.4 s)."
-    if not few: return tbl.take(local).to_pylist()
-    cols = [c.combine_chunks() for c in tbl.columns]
-    return [dict(zip(tbl.column_names, (c[i].as_py() for c in cols))) for i in local.tolist()]
+    def _many(self, g: int, local: np.ndarray) -> list[dict]:
+        "Rows `local` of group `g`: the group decoded whole, then `Table.take` (whose first call imports pandas: 0.4 s)."
+        return self.pf.read_row_group(g, columns=self.want).take(local).to_pylist()
+
+    def _few(self, g: int, local: np.ndarray) -> list[dict]:
+        "Rows `local` of group `g`: batches decoded in order until the last row asked for (the rest is never decoded)."
+        batches, ends = [], []
+        for b in self.pf.iter_batches(batch_size=self.BATCH, row_groups=[g], columns=self.want):
+            batches.append(b); ends.append((ends[-1] if ends else 0) + b.num_rows)
+            if ends[-1] > local.max(): break
+        where = np.searchsorted(ends, local, side="right")
+        return [batches[k].slice(i - ends[k] + batches[k].num_rows, 1).to_pylist()[0] for k, i in zip(where.tolist(), local.tolist())]
 
 # %% ../nbs/01_data.ipynb #66dc0df4
 class HubSource(RowSource):
