@@ -160,15 +160,15 @@ def bench_side(name: str, shape: str, seqs: list[int], warmup: int, steps: int, 
         t = time.perf_counter()
         model = add_lora(build_model(shape, side, device), side)
         build_s = time.perf_counter() - t
+        # one optimizer per side, reused across sequence lengths and OOM retries: bitsandbytes never frees a paged buffer
+        # (CUDA managed memory, about 1.3 GB of Adam state here), so an optimizer per configuration would leak one each
+        opt, opt_name = make_optimizer(model, device)
     except Exception as e:
         kind = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
         rows = [{"side": name, "seq": s, "status": f"build {kind}"} for s in seqs]
         for r in rows: on_row(r)
         return rows
     counts = flop_counts(model, shape)
-    # one optimizer per side, reused across sequence lengths and OOM retries: bitsandbytes never frees a paged buffer
-    # (CUDA managed memory, about 1.3 GB of Adam state here), so an optimizer per configuration would leak one each
-    opt, opt_name = make_optimizer(model, device)
     for seq in seqs:
         asked = batch or side["batch"]
         b, row = asked, None
@@ -214,9 +214,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if (a.steps is not None and a.steps < 1) or (a.warmup is not None and a.warmup < 0):
         ap.error("--steps must be at least 1 (the timed steps) and --warmup at least 0")
-    import torch
+    if a.batch is not None and a.batch < 1: ap.error("--batch must be at least 1")
     tiny = a.shape == "tiny"
-    seqs = [int(s) for s in (a.seqs or ("64,128" if tiny else "1024,2048")).split(",")]
+    try: seqs = [int(s) for s in (a.seqs or ("64,128" if tiny else "1024,2048")).split(",")]
+    except ValueError: ap.error(f"--seqs takes comma-separated integers, e.g. 1024,2048 (got {a.seqs!r})")
+    if any(s < 2 for s in seqs): ap.error("--seqs: every sequence length must be at least 2")
+    import torch
     warmup = a.warmup if a.warmup is not None else (1 if tiny else 2)
     steps = a.steps if a.steps is not None else (2 if tiny else 6)
     device = torch.device(a.device)
@@ -231,7 +234,9 @@ def main(argv=None):
         if row is not None: res["rows"].append(row)
         res["wall_s"] = round(time.monotonic() - t0, 1)
         if device.type != "cuda": res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if a.json: open(a.json, "w").write(json.dumps(res, indent=1) + "\n")
+        if a.json:  # atomically: a run killed while writing leaves the previous rows, not a truncated file
+            with open(a.json + ".tmp", "w") as f: f.write(json.dumps(res, indent=1) + "\n")
+            os.replace(a.json + ".tmp", a.json)
     for s in a.sides.split(","):
         bench_side(s, a.shape, seqs, warmup, steps, device, peak, deadline, a.batch, on_row=save)
     res["complete"] = True

@@ -363,7 +363,8 @@ def bench_gpu(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     try: rc = subprocess.run([str(a) for a in argv], env=bench_env(), timeout=600).returncode
     except subprocess.TimeoutExpired: rc = "a timeout (600 s)"
     if not out.exists(): return [], {"error": f"bench/gpu.py ended with {rc} before its first row"}
-    res = json.loads(out.read_text())  # written after every row: a run cut short keeps what it measured
+    try: res = json.loads(out.read_text())  # written after every row: a run cut short keeps what it measured
+    except ValueError as e: return [], {"error": f"bench/gpu.py ended with {rc}; its JSON is unreadable ({e})"}
     if rc: res["error"] = f"bench/gpu.py ended with {rc}; the rows measured before it are kept"
     return gpu_rows(res), res
 
@@ -448,7 +449,8 @@ def main():
            "date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
            "settings": {**old.get("settings", {}), **{s: settings for s in only}},
            "wall_s": {**old.get("wall_s", {}), **{",".join(only): round(time.perf_counter() - t_all)}},
-           "results": sorted(keep + rows, key=lambda r: SECTIONS.index(r.get("section", "data"))), **extra}
+           "results": sorted(keep + rows, key=lambda r: SECTIONS.index(r.get("section", "data")) if r.get("section", "data") in SECTIONS
+                              else len(SECTIONS)), **extra}
     doc.pop("reps", None)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.write_text(json.dumps(doc, indent=1, default=str) + "\n")

@@ -162,6 +162,15 @@ class ParquetSource(RowSource):
             except Exception as e: raise DataError(f"{self.path}: row group {g} is unreadable ({type(e).__name__}: {e})") from None
         for i in idxs.tolist(): yield i, f"row {i}", got[i]
 
+    def ordered(self, shuffle, seed, chunk=4096):
+        if shuffle: yield from super().ordered(shuffle, seed, chunk); return
+        for g in range(self.pf.num_row_groups):  # file order: each group decoded once, a batch at a time
+            i = int(self.starts[g])
+            try:
+                for b in self.pf.iter_batches(batch_size=chunk, row_groups=[g], columns=self.want):
+                    for row in b.to_pylist(): yield i, f"row {i}", row; i += 1
+            except Exception as e: raise DataError(f"{self.path}: row group {g} is unreadable ({type(e).__name__}: {e})") from None
+
     def _many(self, g: int, local: np.ndarray) -> list[dict]:
         "Rows `local` of group `g`: the group decoded whole, then `Table.take` (whose first call imports pandas: 0.4 s)."
         return self.pf.read_row_group(g, columns=self.want).take(local).to_pylist()
@@ -311,15 +320,15 @@ def select_rows(src: RowSource, schema: Schema, subset_size, seed: int, report: 
     with tqdm(total=want if n is not None or subset_size else None, desc=f"{schema.source}: selecting",
               unit="row", disable=None, leave=False) as bar:
         # a shuffled subset asks for its candidates at once (a parquet row group is decoded once, not once a chunk),
-        # and no more than it needs (a small subset decodes only the row groups its rows are in)
-        step = chunk if subset_size is None or want == float("inf") else max(64, int(want))
+        # and not many more than it needs, with room for a few dropped rows (a small subset decodes little of a file)
+        step = chunk if subset_size is None or want == float("inf") else max(64, int(want * 1.1) + 16)
         for i, where, raw in src.ordered(subset_size is not None, seed, step):
             if len(kept) >= want: break
             examined += 1
             if isinstance(raw, Drop): report.drop(raw.reason, where); continue
             seen_cols.update(raw)
             if (why := row_problem(raw, schema)): report.drop(why, where); continue
-            row = chat_row(schema, raw)  # its id is a hash of the exact conversation: equal ids are duplicates
+            row = chat_row(schema, raw)  # its id is a 64-bit hash of the exact conversation: equal ids are duplicates
             if row["id"] in seen: report.drop("duplicate", where); continue
             seen.add(row["id"]); kept[i] = row; bar.update(1)
             if len(kept) >= want: break  # before asking for the next row, which may start reading the next chunk
