@@ -26,12 +26,15 @@ Sections:
 Durations on 2 quiet cores (2026-11-28): data 2.5 min, train 3 x (ours 2.7 + reference 3.8 + val losses 0.7) min, overhead 2 min.
 """
 from __future__ import annotations
-import argparse, json, os, platform, re, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, copy, json, os, platform, re, shutil, statistics, subprocess, sys, tempfile, time
 from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # llm_pipeline from this checkout
+from llm_pipeline.cloud import set_dotted
+from llm_pipeline.config import deep_merge
+from llm_pipeline.testing import dvc, dvc_env
 BENCH = ROOT/"bench"
 CACHE = BENCH/".cache"
 PY = sys.executable
@@ -155,12 +158,6 @@ TRAIN_VARIANTS = {"full-head": ("ours, every position to the LM head", "ours-ful
                   "packing": ("ours + packing", "ours", {"train": {"packing": True}})}
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items(): out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def prepare_train_project(d: Path) -> float:
     "data stages + build_base of the real pipeline (our params.yaml, bundled samples) in `d`; returns the seconds it took."
     d.mkdir(parents=True)
@@ -236,13 +233,6 @@ SHORT_RUN = {"train": {"max_steps": 5}, "eval": {"max_generic_prompts": 4, "max_
 DATA_STAGES = ("generate_identity_data", "process_orca_data", "process_platypus_data", "data_split", "merge_data")
 
 
-def dvc(proj: Path, *args) -> subprocess.CompletedProcess:
-    from llm_pipeline.testing import dvc_env
-    r = subprocess.run([PY, "-m", "dvc", *args], cwd=proj, env=dvc_env(), capture_output=True, text=True)
-    if r.returncode: raise RuntimeError(f"dvc {' '.join(args)} failed in {proj}:\n{r.stdout}\n{r.stderr}")
-    return r
-
-
 def dag(dvc_yaml: Path) -> dict[str, set[str]]:
     "stage -> the stages that directly depend on it (foreach expanded), from dvc.yaml's deps and outs."
     import yaml
@@ -278,7 +268,6 @@ def make_floor(d: Path, n: int) -> Path:
     for i in range(1, n + 1):
         lines += [f"  s{i}:", f"    cmd: echo {i} > o{i}.txt", *([f"    deps: [o{i - 1}.txt]"] if i > 1 else []), f"    outs: [o{i}.txt]"]
     (d/"dvc.yaml").write_text("\n".join(lines) + "\n")
-    from llm_pipeline.testing import dvc_env
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
                 [PY, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=d, check=True, env=dvc_env(), capture_output=True)
@@ -287,18 +276,15 @@ def make_floor(d: Path, n: int) -> Path:
 
 
 def set_key(params: dict, dotted: str, value) -> dict:
-    import copy
+    "A copy of `params` with `dotted` set to `value`."
     out = copy.deepcopy(params)
-    *path, last = dotted.split(".")
-    node = out
-    for k in path: node = node[k]
-    node[last] = value
+    set_dotted(out, dotted, value)
     return out
 
 
 def bench_overhead(reps: int, tmp: Path) -> tuple[list[dict], list[dict], dict]:
     import yaml
-    from llm_pipeline.testing import dvc_env, project_copy
+    from llm_pipeline.testing import project_copy
     proj = tmp/"proj"; proj.mkdir(parents=True)
     project_copy(proj, ROOT)
     # a short training and evaluation: the first repro takes 1.5 min instead of 15; what a no-op repro or a status
