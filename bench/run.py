@@ -15,7 +15,8 @@ Sections:
   batch 8, eval every 10 steps, group_by_length, pad = EOS, no packing, loss on prompts), on the embedded tiny model and
   the bundled sample data, same rows and epochs: non-pad tokens per second of `Trainer.train()`, its wall time, the
   whole process's wall time ("stage wall"), peak RSS, and the val loss of each adapter measured the same way afterwards
-  (assistant tokens of data/final/val.jsonl). `--variants` adds rows for "before" variants and params alternatives.
+  (assistant tokens of data/final/val.jsonl). Rep i trains every side with seed + i (`--same-seed`: all with the
+  params seed), so the medians are over seeds. `--variants` adds rows for "before" variants and params alternatives.
 - overhead: a no-op `dvc repro` of a copy of the project (reproduced once, with a 5-step training) vs DVC's own floor
   (as many `echo` stages chained by deps); then, for one key of every params section, the stages `dvc status` marks
   changed and the ones `dvc repro` would rerun (with their downstream), checked against the rule "data params never
@@ -181,25 +182,29 @@ def make_run(base: Path, run: Path, overrides: dict) -> Path:
     return run
 
 
-def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path) -> tuple[list[dict], dict]:
+def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path, same_seed: bool = False) -> tuple[list[dict], dict]:
     import yaml
     base = tmp/"base"
     prep_s = prepare_train_project(base)
     over = {"train": {"num_train_epochs": 0.5}} if quick else {}  # quick: half an epoch (about the same rows)
-    epochs = deep_merge(yaml.safe_load((base/"params.yaml").read_text()), over)["train"]["num_train_epochs"]
+    params = deep_merge(yaml.safe_load((base/"params.yaml").read_text()), over)
+    epochs = params["train"]["num_train_epochs"]
+    # rep i trains every side with seed + i (LoRA init and batch order; the data, built once, stay the same), so the
+    # val-loss medians are over seeds: one seed's val loss moves by more than the sides differ
+    seeds = [params["seed"] + (0 if same_seed else rep) for rep in range(reps)]
     sides = {**TRAIN_SIDES, **{TRAIN_VARIANTS[v][0]: TRAIN_VARIANTS[v][1:] for v in variants}}
     runs = {s: [] for s in sides}
-    for rep in range(reps):
+    for rep, seed in enumerate(seeds):
         for name, (kind, ov) in sides.items():  # alternating
-            rd = make_run(base, tmp/f"{re.sub(r'[^A-Za-z0-9+]+', '-', name)}-{rep}", deep_merge(over, ov))
+            rd = make_run(base, tmp/f"{re.sub(r'[^A-Za-z0-9+]+', '-', name)}-{rep}", deep_merge(deep_merge(over, ov), {"seed": seed}))
             wall, rss = measure_argv([PY, BENCH/"train_side.py", kind, rd, rd/"stats.json"])
-            st = {**json.loads((rd/"stats.json").read_text()), "stage_wall_s": wall, "peak_rss_mb": rss}
+            st = {**json.loads((rd/"stats.json").read_text()), "seed": seed, "stage_wall_s": wall, "peak_rss_mb": rss}
             measure_argv([PY, BENCH/"train_side.py", "val-loss", rd, rd/"val.json"])  # afterwards, not timed
             st.update(json.loads((rd/"val.json").read_text()))
             st["tokens_per_s"] = st["tokens"] / st["train_s"]
             runs[name].append(st)
             shutil.rmtree(rd/"checkpoints", ignore_errors=True)
-            print(f"  train {name} rep {rep + 1}/{reps}: {st['tokens_per_s']:.0f} tok/s, train() {st['train_s']:.1f} s "
+            print(f"  train {name} rep {rep + 1}/{reps} (seed {seed}): {st['tokens_per_s']:.0f} tok/s, train() {st['train_s']:.1f} s "
                   f"(eval {st['eval_s']:.1f} s), stage {wall:.1f} s, val loss {st['val_loss']:.4f}", flush=True)
     med = lambda s, k: statistics.median(r[k] for r in runs[s])
     what = f"train tiny, {epochs:g} ep"
@@ -213,14 +218,19 @@ def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path) -> tuple
         tag = "" if s == "ours" else f" [{s}]"
         out += [row("train", f"{what}: {label}{tag}", med(s, k), med("reference", k), d) for label, k, d in figures]
     tput = med("ours", "tokens_per_s") / med("reference", "tokens_per_s")
+    # the same seed on both sides: ours - reference per seed (negative: ours better)
+    diffs = [round(o["val_loss"] - r["val_loss"], 4) for o, r in zip(runs["ours"], runs["reference"])]
     target = {"throughput_ratio": round(tput, 3), "throughput_2x": tput >= 2,
               "val_loss_equal_or_better": med("ours", "val_loss") <= med("reference", "val_loss"),
+              "val_loss_ours_minus_reference_per_seed": dict(zip(map(str, seeds), diffs)),
+              "val_loss_ours_better_or_equal_seeds": sum(d <= 0 for d in diffs),
               "same_tokens": {s: [r["tokens"] for r in runs[s]] for s in sides}}
     print(f"  train target (>= 2x reference tokens/s at equal or better val loss): throughput {tput:.2f}x "
-          f"({'met' if target['throughput_2x'] else 'NOT met'}), val loss {med('ours', 'val_loss'):.4f} vs "
-          f"{med('reference', 'val_loss'):.4f} ({'met' if target['val_loss_equal_or_better'] else 'NOT met'})", flush=True)
-    return out, {"epochs": epochs, "prepare_s": round(prep_s, 1), "overrides": {s: deep_merge(over, ov) for s, (_, ov) in sides.items()},
-                 "target": target, "runs": runs}
+          f"({'met' if target['throughput_2x'] else 'NOT met'}), val loss median {med('ours', 'val_loss'):.4f} vs "
+          f"{med('reference', 'val_loss'):.4f} ({'met' if target['val_loss_equal_or_better'] else 'NOT met'}; "
+          f"ours minus reference per seed: {', '.join(f'{s}: {d:+.4f}' for s, d in zip(seeds, diffs))})", flush=True)
+    return out, {"epochs": epochs, "seeds": seeds, "prepare_s": round(prep_s, 1),
+                 "overrides": {s: deep_merge(over, ov) for s, (_, ov) in sides.items()}, "target": target, "runs": runs}
 
 
 # ------------------------------------------------------------------------------------------------------------ overhead
@@ -396,6 +406,7 @@ def main():
     ap.add_argument("--overhead-reps", type=int, default=None, help="no-op dvc repro runs per side (default 5)")
     ap.add_argument("--variants", default="", help="comma-separated training variants to add: " + ", ".join(
         f"{k} ({v[0]})" for k, v in TRAIN_VARIANTS.items()) + "; packing is slow on a CPU (about 4x ours)")
+    ap.add_argument("--same-seed", action="store_true", help="every training rep with params.yaml's seed (default: rep i uses seed + i)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects (their path is printed)")
     a = ap.parse_args()
     only = [s.strip() for s in a.only.split(",") if s.strip()]
@@ -415,7 +426,7 @@ def main():
             print(f"== {section}", flush=True)
             if section == "data": rows += bench_data(n_rows, reps)
             elif section == "train":
-                r, extra["training"] = bench_train(train_reps, q, variants, tmp/"train"); rows += r
+                r, extra["training"] = bench_train(train_reps, q, variants, tmp/"train", a.same_seed); rows += r
             elif section == "overhead":
                 r, extra["params_sensitivity"], extra["overhead"] = bench_overhead(overhead_reps, tmp/"overhead"); rows += r
             elif section == "gpu":
@@ -430,7 +441,8 @@ def main():
     res = BENCH/"results"/f"{date.today()}-{platform.node() or 'machine'}{'-quick' if q else ''}.json"
     old = json.loads(res.read_text()) if res.exists() else {}
     keep = [r for r in old.get("results", []) if r.get("section", "data") not in only]  # a run with --only replaces its sections
-    settings = {"quick": q, "reps": reps, "rows": n_rows, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": variants}
+    settings = {"quick": q, "reps": reps, "rows": n_rows, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": variants,
+                "same_seed": a.same_seed}
     doc = {**{k: v for k, v in old.items() if k not in ("results",)},
            "date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
            "settings": {**old.get("settings", {}), **{s: settings for s in only}},
