@@ -196,7 +196,7 @@ def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path, same_see
     runs = {s: [] for s in sides}
     for rep, seed in enumerate(seeds):
         for name, (kind, ov) in sides.items():  # alternating
-            rd = make_run(base, tmp/f"{re.sub(r'[^A-Za-z0-9+]+', '-', name)}-{rep}", deep_merge(deep_merge(over, ov), {"seed": seed}))
+            rd = make_run(base, tmp/f"{re.sub(r'[^A-Za-z0-9+]+', '-', name)}-{rep}", {**deep_merge(over, ov), "seed": seed})
             wall, rss = measure_argv([PY, BENCH/"train_side.py", kind, rd, rd/"stats.json"])
             st = {**json.loads((rd/"stats.json").read_text()), "seed": seed, "stage_wall_s": wall, "peak_rss_mb": rss}
             measure_argv([PY, BENCH/"train_side.py", "val-loss", rd, rd/"val.json"])  # afterwards, not timed
