@@ -154,6 +154,7 @@ def row(section: str, figure: str, ours, reference, digits: int = 2) -> dict:
 # the before of the worker processes (a request for ParquetSource.FEW rows or more is converted in them)
 OURS_ONE_PROCESS = OURS.replace("from llm_pipeline.data import process_orca_data",
                                 "from llm_pipeline import data; data.ParquetSource.WORKERS = 1; process_orca_data = data.process_orca_data")
+assert OURS_ONE_PROCESS != OURS
 
 
 def bench_data(rows: int, reps: int) -> list[dict]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib, json, multiprocessing, os, sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing, nullcontext
 from functools import partial
 from itertools import repeat
 from dataclasses import dataclass, field
@@ -163,15 +164,15 @@ class ParquetSource(RowSource):
         sizes = [self.pf.metadata.row_group(g).num_rows for g in range(self.pf.num_row_groups)]
         self.starts = np.cumsum([0] + sizes)
     def __len__(self): return int(self.starts[-1])
-    def __reduce__(self): return _reopen, (self.path, self.want, self.BATCH)  # for worker processes: they reopen the file
 
-    def rows(self, idxs, fn: Callable | None = None, pool=None):
-        "Rows `idxs` (through `fn` if given), their row groups read in `pool`'s processes if given, else here."
+    def rows(self, idxs, fn: Callable | None = None, pool: ProcessPoolExecutor | None = None):
+        "Rows `idxs`, through `fn` if given; with `pool` (whose workers hold this source and `fn`), row groups are read there."
         idxs = np.asarray(idxs, dtype=np.int64)
         groups = np.searchsorted(self.starts, idxs, side="right") - 1
         gs = np.unique(groups).tolist()
         local = [idxs[groups == g] - self.starts[g] for g in gs]
-        outs = (pool.map if pool else map)(_group_rows, repeat(self), gs, local, repeat(len(idxs) < self.FEW), repeat(fn))
+        few = len(idxs) < self.FEW
+        outs = pool.map(_worker_rows, gs, local, repeat(few)) if pool else (_group_rows(self, g, l, few, fn) for g, l in zip(gs, local))
         got = {}
         for g, loc, out in zip(gs, local, outs): got.update(zip((loc + self.starts[g]).tolist(), out))
         for i in idxs.tolist(): yield i, f"row {i}", got[i]
@@ -180,8 +181,12 @@ class ParquetSource(RowSource):
         "Shuffled: each row group's rows go through `fn` as it is decoded (in `WORKERS` processes for `FEW` rows or more)."
         if not shuffle: yield from super().mapped(fn, shuffle, seed, chunk); return
         parallel = chunk >= self.FEW and self.WORKERS > 1 and not multiprocessing.current_process().daemon  # (a daemon may not fork)
-        with ProcessPoolExecutor(self.WORKERS, mp_context=multiprocessing.get_context("fork")) if parallel else nullcontext() as pool:
-            for idxs in self.chunks(shuffle, seed, chunk): yield from self.rows(idxs, fn, pool)
+        try:  # forked workers inherit this source and `fn` (nothing pickled but row-group numbers and results)
+            with (ProcessPoolExecutor(self.WORKERS, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init,
+                                      initargs=(self, fn)) if parallel else nullcontext()) as pool:
+                for idxs in self.chunks(shuffle, seed, chunk): yield from self.rows(idxs, fn, pool)
+        except BrokenProcessPool as e:
+            raise DataError(f"{self.path}: a worker process reading it died ({e}); out of memory?") from None
 
     def ordered(self, shuffle, seed, chunk=4096):
         if shuffle: yield from super().ordered(shuffle, seed, chunk); return
@@ -207,9 +212,13 @@ class ParquetSource(RowSource):
         where = np.searchsorted(ends, local, side="right")
         return [batches[k].slice(i - ends[k] + batches[k].num_rows, 1).to_pylist()[0] for k, i in zip(where.tolist(), local.tolist())]
 
-def _reopen(path: Path, want: list[str], batch: int) -> ParquetSource:
-    src = ParquetSource(path, want); src.BATCH = batch
-    return src
+_WORKER: tuple = ()  # (ParquetSource, fn) in a worker process
+
+def _worker_init(src: ParquetSource, fn: Callable) -> None:
+    global _WORKER
+    _WORKER = src, fn
+
+def _worker_rows(g: int, local: np.ndarray, few: bool) -> list: return _group_rows(_WORKER[0], g, local, few, _WORKER[1])
 
 def _group_rows(src: ParquetSource, g: int, local: np.ndarray, few: bool, fn: Callable | None) -> list:
     "Rows `local` of row group `g` of `src`, through `fn` if given (run in a worker process, or here)."
@@ -359,12 +368,13 @@ def select_rows(src: RowSource, schema: Schema, subset_size, seed: int, report: 
         raise DataError(f"subset_size {subset_size} is a fraction, but this stream does not know its row count: give a row count")
     want = subset_count(subset_size, n) if n is not None else (subset_size or float("inf"))
     kept, seen, seen_cols, examined = {}, set(), set(), 0
+    # a shuffled subset asks for its candidates at once (a parquet row group is decoded once, not once a chunk),
+    # and not many more than it needs, with room for a few dropped rows (a small subset decodes little of a file)
+    step = chunk if subset_size is None or want == float("inf") else max(64, int(want * 1.1) + 16)
     with tqdm(total=want if n is not None or subset_size else None, desc=f"{schema.source}: selecting",
-              unit="row", disable=None, leave=False) as bar:
-        # a shuffled subset asks for its candidates at once (a parquet row group is decoded once, not once a chunk),
-        # and not many more than it needs, with room for a few dropped rows (a small subset decodes little of a file)
-        step = chunk if subset_size is None or want == float("inf") else max(64, int(want * 1.1) + 16)
-        for i, where, (why, row_id, line, cols) in src.mapped(partial(convert_row, schema), subset_size is not None, seed, step):
+              unit="row", disable=None, leave=False) as bar, \
+         closing(src.mapped(partial(convert_row, schema), subset_size is not None, seed, step)) as rows:  # closed: workers stop
+        for i, where, (why, row_id, line, cols) in rows:
             if len(kept) >= want: break
             examined += 1
             seen_cols.update(cols)
