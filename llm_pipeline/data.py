@@ -294,7 +294,7 @@ class Schema:
     columns: tuple[str, ...]   # required, each a string
     nonblank: tuple[str, ...]  # required to hold more than whitespace
     to_messages: Callable[[dict], list[dict]]
-    meta: Callable[[dict], dict]  # what of the upstream row to keep beside the messages
+    meta: Callable[[dict], dict] = lambda r: {}
 
 def row_problem(row: dict, schema: Schema) -> str | None:
     "Why `row` is unusable for `schema` (a drop reason), or None when it is valid."
@@ -317,14 +317,10 @@ def _platypus_messages(r: dict) -> list[dict]:
     user = r["instruction"] if not r["input"].strip() else f"{r['instruction']}\n\n{r['input']}"
     return [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]
 
-def _orca_meta(r: dict) -> dict: return {"upstream_id": r["id"]}
-def _platypus_meta(r: dict) -> dict: return {"data_source": r["data_source"]}
-
-# (module functions, not lambdas: a schema goes to worker processes by pickle)
 ORCA = Schema("OpenOrca", "orca", ("id", "system_prompt", "question", "response"), ("question", "response"),
-              _orca_messages, _orca_meta)
+              _orca_messages, lambda r: {"upstream_id": r["id"]})
 PLATYPUS = Schema("Open-Platypus", "platypus", ("instruction", "input", "output", "data_source"), ("instruction", "output"),
-                  _platypus_messages, _platypus_meta)
+                  _platypus_messages, lambda r: {"data_source": r["data_source"]})
 
 # %% ../nbs/01_data.ipynb #4d1bb94e
 def norm_text(s: str) -> str:
