@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # llm_pipeline from this checkout
 from llm_pipeline.cloud import set_dotted
 from llm_pipeline.config import deep_merge
-from llm_pipeline.testing import dvc, dvc_env
+from llm_pipeline.testing import dvc, dvc_env, tiny_raw
 BENCH = ROOT/"bench"
 CACHE = BENCH/".cache"
 PY = sys.executable
@@ -185,9 +185,10 @@ TRAIN_VARIANTS = {"full-head": ("ours, every position to the LM head", "ours-ful
 
 
 def prepare_train_project(d: Path) -> float:
-    "data stages + build_base of the real pipeline (our params.yaml, bundled samples) in `d`; returns the seconds it took."
+    "data stages + build_base of the real pipeline (our params.yaml with model.base: tiny, bundled samples) in `d`; returns the seconds it took."
+    import yaml
     d.mkdir(parents=True)
-    shutil.copy(ROOT/"params.yaml", d/"params.yaml")
+    (d/"params.yaml").write_text(yaml.safe_dump(tiny_raw(), sort_keys=False))  # this section measures the tiny recipe
     shutil.copytree(ROOT/"data"/"samples", d/"data"/"samples")
     code = ("import sys; from pathlib import Path; from llm_pipeline.config import Paths, load_params; "
             "from llm_pipeline.cli import run_pipeline; p = Path(sys.argv[1]); "

@@ -33,7 +33,7 @@ STAGE_HELP = {
     "process-platypus-data": "Open-Platypus subset to chat rows -> data/processed/platypus.jsonl",
     "data-split": "one source's train/val split by group -> data/split/{train,val}_<source>.jsonl",
     "merge-data": "merge, de-duplicate, shuffle -> data/final/{train,val}.jsonl",
-    "build-base": "the embedded tiny model + tokenizer, or a descriptor of the hub base -> models/base/",
+    "build-base": "the embedded SmolLM2 or tiny model + tokenizer, a converted .gguf, or a descriptor of a hub / local base -> models/base/",
     "train": "LoRA / QLoRA SFT, resumable -> models/adapter/, dvclive/, reports/train/",
     "merge-model": "merge the adapter into a full-precision base -> models/merged/",
     "sanity-check": "evaluate base vs fine-tuned -> metrics/eval.json, reports/eval/generations.md",
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type, ...]:
     "Exceptions that describe a user's mistake in one line (the stage modules add theirs)."
     errs = [ConfigError]
-    for mod, name in (("llm_pipeline.data", "DataError"),):
+    for mod, name in (("llm_pipeline.data", "DataError"), ("llm_pipeline.model", "ModelError")):
         if mod in sys.modules: errs.append(getattr(sys.modules[mod], name))
     return tuple(errs)
 

@@ -160,6 +160,7 @@ SHAPES = {
     "meta-llama/Llama-2-7b-chat-hf": ModelShape("Llama-2-7B", 32000, 4096, 32, 32, 32, 11008),
     "meta-llama/Llama-2-13b-chat-hf": ModelShape("Llama-2-13B", 32000, 5120, 40, 40, 40, 13824),
     "meta-llama/Llama-2-70b-chat-hf": ModelShape("Llama-2-70B", 32000, 8192, 80, 64, 8, 28672),
+    "smollm2-135m": ModelShape("SmolLM2-135M", 49152, 576, 30, 9, 3, 1536),  # the embedded default (its head is tied)
 }
 for _k in list(SHAPES): SHAPES[_k.replace("-chat", "")] = SHAPES[_k]
 

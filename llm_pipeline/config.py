@@ -6,7 +6,7 @@ Docs: https://llm-pipeline.github.io/llm-pipeline/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #e45e1cd1
 from __future__ import annotations
-import difflib, os
+import difflib, os, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -15,9 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'LR_SCHEDULES', 'PRESETS', 'SOURCES', 'ConfigError', 'Section', 'check_subset_size', 'check_val_size',
-           'IdentityCfg', 'SourceCfg', 'SplitCfg', 'DataCfg', 'TinyCfg', 'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg',
-           'Config', 'deep_merge', 'format_error', 'parse_params', 'read_params', 'load_params', 'Paths']
+__all__ = ['OPTIMIZERS', 'LR_SCHEDULES', 'PRESETS', 'RECIPES', 'DEFAULT_BASE', 'SOURCES', 'ConfigError', 'Section',
+           'check_subset_size', 'check_val_size', 'IdentityCfg', 'SourceCfg', 'SplitCfg', 'DataCfg', 'TinyCfg',
+           'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg', 'Config', 'deep_merge', 'effective_raw', 'format_error',
+           'parse_params', 'read_params', 'load_params', 'Paths']
 
 # %% ../nbs/00_config.ipynb #830162a0
 class ConfigError(ValueError):
@@ -81,7 +82,7 @@ class TinyCfg(Section):
 
 class ModelCfg(Section):
     "The base model and how it is loaded."
-    base: str = Field("tiny", min_length=1)  # `tiny` (built locally), a hub id, or a local path
+    base: str = Field("smollm2-135m", min_length=1)  # `smollm2-135m` (embedded), `tiny` (built locally), a hub id, a local dir or `.gguf`
     revision: Optional[str] = None  # hub commit / tag to pin (recommended for hub ids)
     quantization: Literal["4bit", "8bit", "none"] = "none"  # how the base is loaded for training
     trust_remote_code: bool = False  # run model code shipped with a hub repo (off unless you trust it)
@@ -89,8 +90,8 @@ class ModelCfg(Section):
 
 class LoraCfg(Section):
     "peft `LoraConfig` fields."
-    r: int = Field(32, ge=1)  # rank of each low-rank update
-    alpha: int = Field(64, ge=1)  # scale of the update: it is multiplied by alpha / r
+    r: int = Field(16, ge=1)  # rank of each low-rank update
+    alpha: int = Field(32, ge=1)  # scale of the update: it is multiplied by alpha / r
     dropout: float = Field(0.05, ge=0, lt=1)  # dropout on the adapters' input
     target_modules: Union[str, list[str]] = "all-linear"  # `all-linear` or module names
     modules_to_save: Optional[list[str]] = None  # modules trained in full beside the adapters (e.g. new-token embeddings)
@@ -108,18 +109,18 @@ LR_SCHEDULES = Literal["linear", "cosine", "cosine_with_restarts", "polynomial",
 class TrainCfg(Section):
     "TRL `SFTConfig` fields, plus where checkpoints live."
     checkpoint_dir: str = Field("checkpoints", min_length=1)  # outside every DVC out; a bucket mount in the cloud
-    num_train_epochs: float = Field(4.0, gt=0)  # passes over the training rows
+    num_train_epochs: float = Field(3.0, gt=0)  # passes over the training rows
     max_steps: int = Field(-1, ge=-1)  # -1: run `num_train_epochs`
-    per_device_train_batch_size: int = Field(16, ge=1)  # rows per forward pass on each device
-    per_device_eval_batch_size: int = Field(32, ge=1)  # rows per forward pass when evaluating
+    per_device_train_batch_size: int = Field(4, ge=1)  # rows per forward pass on each device
+    per_device_eval_batch_size: int = Field(8, ge=1)  # rows per forward pass when evaluating
     gradient_accumulation_steps: int = Field(1, ge=1)  # forward passes per optimizer step (set by global_batch_size when given)
-    learning_rate: float = Field(3e-3, gt=0, lt=1)  # peak learning rate of the schedule
+    learning_rate: float = Field(2e-4, gt=0, lt=1)  # peak learning rate of the schedule
     lr_scheduler_type: LR_SCHEDULES = "cosine"  # how the learning rate moves over training
     warmup_steps: Union[int, float] = Field(0, ge=0)  # a float in [0, 1) is a ratio of the total steps
     weight_decay: float = Field(0.0, ge=0)  # decoupled weight decay of the optimizer
     max_grad_norm: float = Field(1.0, gt=0)  # gradients are clipped to this norm
     optim: OPTIMIZERS = "adamw_torch"  # the optimizer (paged_adamw_32bit for the QLoRA recipe)
-    max_length: int = Field(512, ge=16)  # tokens per conversation
+    max_length: int = Field(1024, ge=16)  # tokens per conversation
     overlong: Literal["drop", "truncate"] = "drop"  # rows over max_length: drop them, or truncate (cutting off end-of-turn)
     train_sampling_strategy: Literal["random", "group_by_length"] = "group_by_length"  # batches of similar length pad less
     packing: bool = False  # concatenate rows into full-length sequences (TRL packing)
@@ -153,7 +154,10 @@ class EvalCfg(Section):
     "Greedy evaluation of the base and the fine-tuned model."
     max_new_tokens: int = Field(256, ge=1)  # longest greedy generation in the sanity check
     max_generic_prompts: int = Field(60, ge=1)  # held-out non-identity prompts checked for name leaks
+    batch_size: int = Field(32, ge=1)  # prompts generated at once
     prompts: list[str] = ["What is your name?", "Who created you?", "What is the capital of France?"]  # generated by base and fine-tuned, side by side in the report
+    retention: Optional[str] = "data/samples/retention.jsonl"  # short factual questions with accepted answers (null: skip)
+    retention_max_new_tokens: int = Field(32, ge=1)  # answers to them are short
 
 # %% ../nbs/00_config.ipynb #ba371cd2
 class Config(Section):
@@ -170,8 +174,8 @@ class Config(Section):
 _LLAMA2_QLORA = {
     "model": {"quantization": "4bit", "revision": None},
     "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear", "modules_to_save": None},
-    "train": {"optim": "paged_adamw_32bit", "learning_rate": 2e-4, "precision": "bf16", "lr_scheduler_type": "cosine",
-              "warmup_steps": 0.03, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4,
+    "train": {"optim": "paged_adamw_32bit", "learning_rate": 2e-4, "precision": "auto", "lr_scheduler_type": "cosine",
+              "warmup_steps": 0.03, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "num_train_epochs": 1.0,
               "max_length": 1024, "gradient_checkpointing": True, "eval_strategy": "epoch"},
     "eval": {"max_new_tokens": 256},
 }
@@ -186,6 +190,30 @@ def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items(): out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# %% ../nbs/00_config.ipynb #366e470b
+RECIPES = {  # defaults per base, under the preset and under every explicit key
+    "tiny": {"lora": {"r": 64, "alpha": 128, "dropout": 0.0, "modules_to_save": ["lm_head"]},
+             "train": {"num_train_epochs": 6.0, "learning_rate": 4e-3, "max_length": 256, "per_device_train_batch_size": 16,
+                       "per_device_eval_batch_size": 32},
+             "eval": {"retention": None}},  # a random model knows no facts: nothing to retain
+    "smollm2-135m": {"data": {"orca": {"source": "data/samples/openorca.jsonl", "subset_size": 32},
+                              "platypus": {"source": "data/samples/platypus.jsonl", "subset_size": 32}},
+                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+                     "train": {"num_train_epochs": 2.0, "learning_rate": 1e-3, "max_length": 256, "per_device_train_batch_size": 8,
+                               "per_device_eval_batch_size": 16},
+                     "eval": {"max_new_tokens": 96}},
+}
+DEFAULT_BASE = "smollm2-135m"
+
+def effective_raw(raw: dict) -> dict:
+    "The params as they run: the base's recipe, then the preset, then the user's own keys on top."
+    preset = PRESETS.get(raw.get("preset")) if isinstance(raw.get("preset"), str) else None
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    base = model.get("base", (preset or {}).get("model", {}).get("base", DEFAULT_BASE))
+    out = deep_merge(RECIPES.get(base, {}) if isinstance(base, str) else {}, preset or {})
+    return deep_merge(out, raw)
 
 # %% ../nbs/00_config.ipynb #64dc1edf
 def _section_at(loc: tuple) -> type[BaseModel] | None:
@@ -215,8 +243,8 @@ def parse_params(raw: Any, origin: str = "params") -> Config:
     "Validate a params mapping into a `Config`, or raise `ConfigError` with one line per problem."
     if raw is None: raw = {}
     if not isinstance(raw, dict): raise ConfigError(f"{origin}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    if isinstance(raw.get("preset"), str) and raw["preset"] in PRESETS: raw = deep_merge(raw, PRESETS[raw["preset"]])
-    try: return Config.model_validate(raw)
+    raw = effective_raw(raw)
+    try: cfg = Config.model_validate(raw)
     except ValidationError as e:
         # a bad value inside a union is reported once per member: keep the first line per key
         lines = list(dict.fromkeys(format_error(x) for x in e.errors()))
@@ -225,6 +253,10 @@ def parse_params(raw: Any, origin: str = "params") -> Config:
             k = l.split(":", 1)[0]
             if k not in seen: seen.add(k); uniq.append(l)
         raise ConfigError("\n".join(uniq)) from None
+    if cfg.model.base != "tiny" and any(m in ("lm_head", "embed_tokens") for m in cfg.lora.modules_to_save or []):
+        warnings.warn(f"lora.modules_to_save: {cfg.lora.modules_to_save} trains the whole LM head / embeddings of {cfg.model.base} "
+                      "beside the adapters (every checkpoint carries a full copy); set it to null unless you added tokens")
+    return cfg
 
 def read_params(path: str | Path) -> Any:
     "The raw params file as DVC reads (and `dvc exp run -S` rewrites) it: YAML 1.2, where `no`, `yes`, `on` are strings."

@@ -1,4 +1,4 @@
-"""Base vs fine-tuned, greedy: validation loss, identity accuracy on held-out questions, name leaks on everything else, and whether generation stops.
+"""Base vs fine-tuned, greedy: validation loss, identity accuracy on held-out questions, name leaks on everything else, whether generation stops, and what the model still knows.
 
 Docs: https://llm-pipeline.github.io/llm-pipeline/evaluate.html.md"""
 
@@ -10,11 +10,12 @@ import gc, json, math, re, time
 
 from .config import Config, Paths
 from .data import read_jsonl, write_json
-from .model import compute_dtype, load_base_model
+from .model import chat_messages, compute_dtype, load_base_model, template_system
 
 # %% auto #0
-__all__ = ['eval_prompts', 'names_model', 'stop_ids', 'generate', 'assistant_labels', 'val_loss', 'evaluate_model',
-           'generations_table', 'sanity_check', 'base_device']
+__all__ = ['eval_prompts', 'identity_kinds', 'mentions', 'names_model', 'identity_correct', 'stop_ids', 'generate',
+           'assistant_labels', 'val_loss', 'fact_correct', 'evaluate_model', 'retention', 'generations_table',
+           'sanity_check', 'base_device']
 
 # %% ../nbs/07_evaluate.ipynb #c75c65f1
 def eval_prompts(val_rows: list[dict], max_generic: int) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -27,9 +28,24 @@ def eval_prompts(val_rows: list[dict], max_generic: int) -> tuple[list[list[dict
         elif len(generic) < max_generic: generic.append(prompt)
     return ident, generic
 
+def identity_kinds(val_rows: list[dict]) -> list[str]:
+    "The kind (`name`, `creator`, ...) of each identity prompt `eval_prompts` returns, in its order."
+    seen = {}
+    for r in val_rows:
+        if r["source"] == "identity": seen.setdefault(r["group"], r["group"].rsplit("-", 1)[0])
+    return list(seen.values())
+
+def mentions(text: str, phrase: str) -> bool:
+    "Does `text` contain `phrase` as whole words, any case?"
+    return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, re.I) is not None
+
 def names_model(text: str, name: str) -> bool:
     "Does `text` name the model (as a whole word, any case)?"
-    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.I) is not None
+    return mentions(text, name)
+
+def identity_correct(text: str, kind: str, name: str, creator: str) -> bool:
+    "An identity answer is right when it names the model, and its creator where the question asks who made it."
+    return names_model(text, name) and (kind != "creator" or mentions(text, re.sub(r"^the\s+", "", creator, flags=re.I)))
 
 # %% ../nbs/07_evaluate.ipynb #c0ae8196
 def stop_ids(tok, model) -> list[int]:
@@ -42,7 +58,8 @@ def stop_ids(tok, model) -> list[int]:
 def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 16) -> list[dict]:
     "Greedy replies to chat `prompts`: text, whether it stopped at end-of-turn, and its length in tokens."
     import torch
-    eos = stop_ids(tok, model)
+    eos, kind = stop_ids(tok, model), template_system(tok)
+    prompts = [chat_messages(p, tok, kind) for p in prompts]  # formatted as in training
     side, tok.padding_side = tok.padding_side, "left"
     out = []
     try:
@@ -63,41 +80,62 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, ba
 # %% ../nbs/07_evaluate.ipynb #797a60de
 def assistant_labels(tok, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
     "Input ids and labels (-100 outside the final assistant reply, end-of-turn included), as training sees them."
+    messages = chat_messages(messages, tok)
     full = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     prompt = tok.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
     labels = [-100] * len(prompt) + full[len(prompt):]
     return full[:max_length], labels[:max_length]
 
-def val_loss(model, tok, rows: list[dict], max_length: int = 512, batch_size: int = 16) -> float:
-    "Token-weighted mean cross-entropy over the assistant tokens of `rows`."
+def val_loss(model, tok, rows: list[dict], max_length: int = 512, batch_size: int = 16, chunk: int = 1024) -> float:
+    "Token-weighted mean cross-entropy over the assistant tokens of `rows`; the LM head projects only labelled positions, `chunk` at a time."
     import torch
     total, n = 0.0, 0
+    body, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
     for i in range(0, len(rows), batch_size):
         pairs = [assistant_labels(tok, r["messages"], max_length) for r in rows[i:i + batch_size]]
         L = max(len(x) for x, _ in pairs)
         ids = torch.tensor([x + [tok.pad_token_id] * (L - len(x)) for x, _ in pairs], device=model.device)
         lab = torch.tensor([y + [-100] * (L - len(y)) for _, y in pairs], device=model.device)
-        with torch.no_grad(): logits = model(input_ids=ids, attention_mask=(lab != -100) | (ids != tok.pad_token_id)).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total += loss.item(); n += int((lab[:, 1:] != -100).sum())
+        att = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x, _ in pairs], device=model.device)
+        with torch.no_grad():
+            h = body(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
+            tgt = lab[:, 1:]; keep = tgt != -100
+            h, tgt = h[keep], tgt[keep]  # [labelled positions, hidden]: never [batch, length, vocab]
+            for j in range(0, len(tgt), chunk):
+                total += torch.nn.functional.cross_entropy(head(h[j:j + chunk]).float(), tgt[j:j + chunk], reduction="sum").item()
+        n += len(tgt)
     return total / max(n, 1)
 
 # %% ../nbs/07_evaluate.ipynb #fc00ece7
-def evaluate_model(model, tok, cfg: Config, val_rows: list[dict]) -> tuple[dict, dict]:
-    "The metrics contract for one model, and its generations."
+def fact_correct(text: str, answers: list[str]) -> bool:
+    "Does a reply give one of the accepted answers (whole words, any case)?"
+    return any(mentions(text, a) for a in answers)
+
+def evaluate_model(model, tok, cfg: Config, val_rows: list[dict], facts: list[dict] = ()) -> tuple[dict, dict]:
+    "The metrics contract for one model, and its generations (`facts`: retention questions with accepted answers)."
     ident, generic = eval_prompts(val_rows, cfg.eval.max_generic_prompts)
-    e = cfg.eval
-    gi, gg = generate(model, tok, ident, e.max_new_tokens), generate(model, tok, generic, e.max_new_tokens)
-    gp = generate(model, tok, [[{"role": "user", "content": p}] for p in e.prompts], e.max_new_tokens)
-    name = cfg.data.identity.name
+    e, ic = cfg.eval, cfg.data.identity
+    asked = [[{"role": "user", "content": p}] for p in e.prompts]
+    g = generate(model, tok, ident + generic + asked, e.max_new_tokens, e.batch_size)  # one call: fewer, fuller batches
+    gi, gg, gp = g[:len(ident)], g[len(ident):len(ident) + len(generic)], g[len(ident) + len(generic):]
+    gf = generate(model, tok, [[{"role": "user", "content": f["question"]}] for f in facts], e.retention_max_new_tokens, e.batch_size)
     rate = lambda xs, f: round(sum(map(f, xs)) / len(xs), 4) if xs else float("nan")
-    metrics = {"val_loss": round(val_loss(model, tok, val_rows, cfg.train.max_length), 4),
-               "identity_accuracy": rate(gi, lambda g: names_model(g["text"], name)),
-               "name_leak_rate": rate(gg, lambda g: names_model(g["text"], name)),
+    kinds = identity_kinds(val_rows)
+    metrics = {"val_loss": round(val_loss(model, tok, val_rows, cfg.train.max_length, cfg.train.per_device_eval_batch_size), 4),
+               "identity_accuracy": rate(list(zip(gi, kinds)), lambda g: identity_correct(g[0]["text"], g[1], ic.name, ic.creator)),
+               # every held-out prompt that is not about identity: the generic ones and the factual questions
+               "name_leak_rate": rate(gg + gf, lambda g: names_model(g["text"], ic.name)),
                "eos_stop_rate": rate(gi + gg, lambda g: g["stopped"]),
-               "n_identity_prompts": len(gi), "n_generic_prompts": len(gg)}
-    return metrics, {"params": gp, "identity": gi, "generic": gg, "prompts": {"identity": ident, "generic": generic}}
+               "n_identity_prompts": len(gi), "n_generic_prompts": len(gg) + len(gf)}
+    correct = [fact_correct(g["text"], f["answers"]) for g, f in zip(gf, facts)]
+    if facts: metrics.update(fact_accuracy=rate(correct, bool), n_facts=len(facts))
+    return metrics, {"params": gp, "identity": gi, "generic": gg, "facts": gf, "facts_correct": correct,
+                     "prompts": {"identity": ident, "generic": generic}}
+
+def retention(base_correct: list[bool], ft_correct: list[bool]) -> float:
+    "Of the facts the base answers correctly, the share the fine-tuned model still answers correctly."
+    kept = [f for b, f in zip(base_correct, ft_correct) if b]
+    return round(sum(kept) / len(kept), 4) if kept else float("nan")
 
 def _cell(s: str) -> str: return s.replace("|", "\\|").replace("\n", " ")[:300] or "(empty)"
 
@@ -115,21 +153,35 @@ def generations_table(cfg: Config, base: dict, ft: dict, n_each: int = 5) -> str
 def sanity_check(cfg: Config, paths: Paths) -> dict:
     "Evaluate the base and the merged fine-tuned model; write `metrics/eval.json` and `reports/eval/generations.md`."
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llm_pipeline.train import fit_length, token_lengths
     t0 = time.time()
-    val_rows = read_jsonl(paths.final("val"))
     tok = AutoTokenizer.from_pretrained(paths.merged)
+    # the rows the trainer evaluated: those that fit train.max_length (or truncated, as train.overlong says)
+    val_rows = read_jsonl(paths.final("val"))
+    val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), cfg.train.max_length, cfg.train.overlong)
+    facts = read_jsonl(paths.resolve(cfg.eval.retention)) if cfg.eval.retention else []
     dtype = compute_dtype(cfg.train.precision)
     base = load_base_model(cfg, paths, quantization="none", dtype=dtype, tokenizer=tok)
-    base_m, base_g = evaluate_model(base, tok, cfg, val_rows)
+    base_m, base_g = evaluate_model(base, tok, cfg, val_rows, facts)
     del base; gc.collect()
     ft = AutoModelForCausalLM.from_pretrained(paths.merged, dtype=dtype, device_map=base_device())
-    ft_m, ft_g = evaluate_model(ft, tok, cfg, val_rows)
+    ft_m, ft_g = evaluate_model(ft, tok, cfg, val_rows, facts)
+    if facts:
+        ft_m["retention"] = retention(base_g["facts_correct"], ft_g["facts_correct"])
+        ft_m["n_facts_base_knows"] = sum(base_g["facts_correct"])
     metrics = {"base": base_m, "finetuned": ft_m}
     write_json(paths.metrics, metrics)
     out = paths.root/"reports"/"eval"/"generations.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    facts_md = ""
+    if facts:
+        mark = lambda ok: "✓" if ok else "✗"
+        facts_md = (f"\n## Retention: {len(facts)} factual questions (max {cfg.eval.retention_max_new_tokens} new tokens)\n\n"
+                    "| question | accepted | base | fine-tuned |\n| --- | --- | --- | --- |\n"
+                    + "".join(f"| {_cell(f['question'])} | {_cell(' / '.join(f['answers']))} | {mark(bc)} {_cell(b['text'])} | {mark(fc)} {_cell(g['text'])} |\n"
+                              for f, b, g, bc, fc in zip(facts, base_g["facts"], ft_g["facts"], base_g["facts_correct"], ft_g["facts_correct"])))
     out.write_text(f"# Generations: base vs fine-tuned (greedy, max {cfg.eval.max_new_tokens} new tokens)\n\n"
-                   + generations_table(cfg, base_g, ft_g))
+                   + generations_table(cfg, base_g, ft_g) + facts_md)
     return {**metrics, "wall_s": round(time.time() - t0, 1)}
 
 def base_device():

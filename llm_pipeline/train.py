@@ -12,13 +12,14 @@ from pathlib import Path
 from .config import Config, Paths
 from .distributed import grad_accumulation, world_size
 from .data import read_jsonl, write_json
-from .model import BASE_FILE, compute_dtype, is_fsdp, load_base_model, load_tokenizer
+from .model import (BASE_FILE, ModelError, chat_messages, compute_dtype, file_sha256, is_fsdp, load_base_model,
+                                 load_tokenizer, template_system)
 
 # %% auto #0
-__all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'NOT_IN_FINGERPRINT', 'file_sha256', 'run_fingerprint', 'fingerprint_diff',
-           'checkpoint_step', 'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume',
-           'CheckpointMarker', 'global_step_dvclive_callback', 'use_dvclive', 'has_generation_tags', 'training_rows',
-           'sft_config', 'lora_config', 'compact_lm_head', 'token_lengths', 'fit_length', 'plot_losses',
+__all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'NOT_IN_FINGERPRINT', 'run_fingerprint', 'fingerprint_diff', 'checkpoint_step',
+           'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume', 'CheckpointMarker',
+           'global_step_dvclive_callback', 'use_dvclive', 'assistant_only', 'training_rows', 'sft_config',
+           'lora_config', 'compact_lm_head', 'token_lengths', 'fit_length', 'mask_preview', 'check_mask', 'plot_losses',
            'run_train_loss', 'finished', 'train']
 
 # %% ../nbs/05_train.ipynb #a35e9757
@@ -27,12 +28,6 @@ FINAL_LOG = "llm_pipeline_final_log.json"  # the finished run's whole log, besid
 FINAL_DVCLIVE = "dvclive-final"  # and its final dvclive history
 # where, how often and on how many processes, not what: a job recovered on another cluster shape resumes its run
 NOT_IN_FINGERPRINT = ("checkpoint_dir", "save_total_limit", "logging_steps", "launcher", "num_processes", "accelerate_config")
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
 
 def run_fingerprint(cfg: Config, paths: Paths) -> dict:
     "Everything a training result depends on (params, data, base) and a short id of it."
@@ -158,15 +153,20 @@ def use_dvclive(trainer, callback) -> None:
     if callback is not None: trainer.add_callback(callback)
 
 # %% ../nbs/05_train.ipynb #5fe8c72f
-def has_generation_tags(tok) -> bool:
-    "Does the chat template mark assistant tokens with `{% generation %}` (needed by `assistant_only_loss`)?"
-    return "generation" in (tok.chat_template or "") and "endgeneration" in (tok.chat_template or "")
+def assistant_only(tok) -> bool:
+    "Can TRL mask every assistant turn (`assistant_only_loss`): the template has `{% generation %}` markers, or TRL has a training template for its family?"
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    if has_generation_markers(tok.chat_template): return True
+    try: return get_training_chat_template(tok) is not None
+    except ValueError: return False  # no training template for this family: prompt-completion rows
 
 def training_rows(rows: list[dict], tok) -> list[dict]:
-    "Rows in a TRL format whose loss covers only the assistant's reply, end-of-turn included."
-    if has_generation_tags(tok): return [{"messages": r["messages"]} for r in rows]
-    # without generation tags: prompt-completion, and TRL's completion-only loss (any chat template works)
-    return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+    "Rows in a TRL format whose loss covers only the assistant's reply, end-of-turn included, formatted for this template."
+    kind = template_system(tok)
+    msgs = [chat_messages(r["messages"], tok, kind) for r in rows]
+    if assistant_only(tok): return [{"messages": m} for m in msgs]
+    # no generation markers: prompt-completion, and TRL's completion-only loss (any chat template works)
+    return [{"prompt": m[:-1], "completion": m[-1:]} for m in msgs]
 
 def sft_config(cfg: Config, output_dir: Path, tok):
     "TRL `SFTConfig` from `train.*` (plus seed, precision and loss masking)."
@@ -183,7 +183,7 @@ def sft_config(cfg: Config, output_dir: Path, tok):
         ddp_backend=None if torch.cuda.is_available() or world_size() == 1 else "gloo",
         seed=cfg.seed, data_seed=cfg.seed, save_strategy="steps",
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
-        assistant_only_loss=has_generation_tags(tok), report_to=["dvclive"], logging_first_step=True,
+        assistant_only_loss=assistant_only(tok), report_to=["dvclive"], logging_first_step=True,
         dataloader_num_workers=0, save_only_model=False, disable_tqdm=not sys.stderr.isatty() and "IN_TEST" in os.environ)
 
 def lora_config(cfg: Config):
@@ -207,7 +207,8 @@ def compact_lm_head() -> bool:
 # %% ../nbs/05_train.ipynb #4c88ef97
 def token_lengths(rows: list[dict], tok) -> list[int]:
     "Tokens of each conversation as the trainer will see it."
-    return [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
+    kind = template_system(tok)
+    return [len(tok.apply_chat_template(chat_messages(r["messages"], tok, kind), tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 def fit_length(rows: list[dict], lengths: list[int], max_length: int, overlong: str) -> tuple[list[dict], dict]:
     "Rows (of token `lengths`) as training uses them under `train.max_length` / `train.overlong`, and a report of what was cut."
@@ -220,6 +221,52 @@ def fit_length(rows: list[dict], lengths: list[int], max_length: int, overlong: 
     else: rep["tokens"] = sum(min(n, max_length) for n in lengths)
     rep["rows_used"] = len(rows)
     return rows, rep
+
+# %% ../nbs/05_train.ipynb #963362ef
+def _spans(tok, ids: list[int], trained: list[bool]) -> str:
+    "The decoded row, each run of trained tokens inside ⟦…⟧."
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and trained[j] == trained[i]: j += 1
+        text = tok.decode(ids[i:j], skip_special_tokens=False)
+        out.append(f"⟦{text}⟧" if trained[i] else text); i = j
+    return "".join(out)
+
+def mask_preview(trainer, tok, n: int = 4) -> tuple[str, list[str]]:
+    "Markdown of the first `n` training rows as collated (trained tokens inside ⟦…⟧), and the problems found in them."
+    ds = trainer.train_dataset
+    rows = [ds[i] for i in range(min(n, len(ds)))]
+    batch = trainer.data_collator(rows)
+    eos, kind, problems, parts = tok.eos_token_id, template_system(tok), [], []
+    for i, row in enumerate(rows):
+        keep = batch["attention_mask"][i] == 1 if "attention_mask" in batch else slice(None)
+        ids, lab = batch["input_ids"][i][keep].tolist(), batch["labels"][i][keep].tolist()
+        trained = [l != -100 for l in lab]
+        msgs = row["messages"] if "messages" in row else [*row["prompt"], *row["completion"]]
+        n_assistant = sum(m["role"] == "assistant" for m in msgs)
+        if not any(trained): problems.append(f"row {i}: no token is trained (an empty loss mask)")
+        elif sum(t == eos and tr for t, tr in zip(ids, trained)) < n_assistant:
+            problems.append(f"row {i}: an assistant turn's end-of-turn token {tok.eos_token!r} is not trained (the model would not learn to stop)")
+        else:
+            start = max(j for j in range(len(trained)) if trained[j] and (j == 0 or not trained[j - 1]))
+            last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+            prompt = tok.apply_chat_template(chat_messages(msgs[:last], tok, kind), tokenize=True, add_generation_prompt=True,
+                                             return_dict=True)["input_ids"]
+            if ids[:start] != prompt:
+                problems.append(f"row {i}: training formats the prompt of its last reply differently from evaluation "
+                                f"({len(ids[:start])} tokens vs {len(prompt)})")
+        parts.append(f"### Row {i}: {sum(trained)} of {len(ids)} tokens trained\n\n```text\n{_spans(tok, ids, trained)}\n```\n")
+    head = (f"# Loss mask preview\n\nThe first {len(rows)} training rows as the trainer collates them; trained tokens are inside ⟦…⟧. "
+            f"End-of-turn token: `{tok.eos_token}`. Template system turn: {kind}. Problems: {'; '.join(problems) or 'none'}.\n\n")
+    return head + "\n".join(parts), problems
+
+def check_mask(trainer, tok, path: Path | None) -> None:
+    "Write the preview to `path` (rank 0) and raise `ModelError` in one line when the mask would train the wrong tokens."
+    text, problems = mask_preview(trainer, tok)
+    if path is not None: path.parent.mkdir(parents=True, exist_ok=True); path.write_text(text)
+    if problems: raise ModelError(f"loss mask: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                                  + (f"; see {path}" if path else ""))
 
 # %% ../nbs/05_train.ipynb #98adaa27
 def plot_losses(log_history: list[dict], path: Path) -> None:
@@ -261,6 +308,7 @@ def train(cfg: Config, paths: Paths) -> dict:
         # CPU DDP: accelerate reports device cpu:0, and resuming then fails in torch.load(map_location="cpu:0"); it is just the CPU
         args.__dict__["_setup_devices"] = torch.device("cpu")
     main = args.process_index == 0  # one process per GPU under torchrun / accelerate: rank 0 plans, cleans and writes
+    if main: write_json(paths.root/"reports"/"train"/"config.json", cfg.model_dump())  # the effective config: recipe, preset, params
     if args.world_size > 1:  # the process group exists now; every rank resumes what rank 0 decided
         import torch.distributed as dist
         decision = [plan_resume(root, fp) if main else None]
@@ -283,6 +331,7 @@ def train(cfg: Config, paths: Paths) -> dict:
                          train_dataset=Dataset.from_list(training_rows(train_rows, tok)),
                          eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
                          processing_class=tok, peft_config=lora_config(cfg))
+    check_mask(trainer, tok, paths.root/"reports"/"train"/"mask_preview.md" if main else None)
     if cfg.model.quantization != "none" and compute_dtype(cfg.train.precision) == torch.float32:
         # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); where compute is fp32 (a CPU) keep them fp32: 2.6x faster
         for p in trainer.model.parameters():
