@@ -211,7 +211,12 @@ def effective_raw(raw: dict) -> dict:
     "The params as they run: the base's recipe, then the preset, then the user's own keys on top."
     preset = PRESETS.get(raw.get("preset")) if isinstance(raw.get("preset"), str) else None
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-    base = model.get("base", (preset or {}).get("model", {}).get("base", DEFAULT_BASE))
+    base = model.get("base", DEFAULT_BASE)
+    if preset:  # a preset names its base: it replaces the default base, and conflicts with any other
+        if base not in (DEFAULT_BASE, preset["model"]["base"]):
+            raise ConfigError(f"model.base: {base} conflicts with preset {raw['preset']}, whose base is {preset['model']['base']}; "
+                              "drop one of them (or set the preset's keys yourself)")
+        base, raw = preset["model"]["base"], deep_merge(raw, {"model": {"base": preset["model"]["base"]}})
     out = deep_merge(RECIPES.get(base, {}) if isinstance(base, str) else {}, preset or {})
     return deep_merge(out, raw)
 
