@@ -192,7 +192,7 @@ def prepare_train_project(d: Path) -> float:
     shutil.copytree(ROOT/"data"/"samples", d/"data"/"samples")
     code = ("import sys; from pathlib import Path; from llm_pipeline.config import Paths, load_params; "
             "from llm_pipeline.cli import run_pipeline; p = Path(sys.argv[1]); "
-            "run_pipeline(load_params(p/'params.yaml'), Paths(p), until='build-base')")
+            "run_pipeline(load_params(p/'params.yaml'), Paths(p), until='merge-data')")
     return measure(code, d)[0]
 
 
@@ -266,7 +266,7 @@ SENSITIVITY = [("data.identity", "data.identity.name", "Osprey"), ("data.orca", 
                ("model", "model.quantization", "4bit"), ("lora", "lora.r", 16), ("train", "train.learning_rate", 0.001),
                ("eval", "eval.max_new_tokens", 64), ("seed", "seed", 7)]
 SHORT_RUN = {"train": {"max_steps": 5}, "eval": {"max_generic_prompts": 4, "max_new_tokens": 16}}
-DATA_STAGES = ("generate_identity_data", "process_orca_data", "process_platypus_data", "data_split", "merge_data")
+DATA_STAGES = ("generate_identity_data", "process_orca_data", "process_platypus_data", "generate_replay_data", "data_split", "merge_data")
 
 
 def dag(dvc_yaml: Path) -> dict[str, set[str]]:

@@ -23,6 +23,7 @@ STAGES = {  # CLI name: (module, function); DVC's stage name is the function nam
     "data-split": ("llm_pipeline.split", "data_split"),
     "merge-data": ("llm_pipeline.split", "merge_data"),
     "build-base": ("llm_pipeline.model", "build_base"),
+    "generate-replay-data": ("llm_pipeline.replay", "generate_replay_data"),
     "train": ("llm_pipeline.train", "train"),
     "merge-model": ("llm_pipeline.merge", "merge_model"),
     "sanity-check": ("llm_pipeline.evaluate", "sanity_check"),
@@ -34,14 +35,15 @@ STAGE_HELP = {
     "data-split": "one source's train/val split by group -> data/split/{train,val}_<source>.jsonl",
     "merge-data": "merge, de-duplicate, shuffle -> data/final/{train,val}.jsonl",
     "build-base": "the embedded SmolLM2 or tiny model + tokenizer, a converted .gguf, or a descriptor of a hub / local base -> models/base/",
+    "generate-replay-data": "the base's own answers to short questions (keeps what it knew) -> data/processed/replay.jsonl",
     "train": "LoRA / QLoRA SFT, resumable -> models/adapter/, dvclive/, reports/train/",
     "merge-model": "merge the adapter into a full-precision base -> models/merged/",
     "sanity-check": "evaluate base vs fine-tuned -> metrics/eval.json, reports/eval/generations.md",
 }
 
 # %% ../nbs/09_cli.ipynb #ae53bb11
-PIPELINE = ("generate-identity-data", "process-orca-data", "process-platypus-data", "data-split", "merge-data",
-            "build-base", "train", "merge-model", "sanity-check")  # dvc.yaml's order
+PIPELINE = ("generate-identity-data", "process-orca-data", "process-platypus-data", "build-base", "generate-replay-data",
+            "data-split", "merge-data", "train", "merge-model", "sanity-check")  # dvc.yaml's order
 
 def run_stage(name: str, cfg, paths: Paths, **kw):
     "Run one stage in-process (its module is imported only now)."

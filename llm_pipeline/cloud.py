@@ -454,14 +454,15 @@ def _html_table(rows: list[dict]) -> str:
             "".join("<tr>" + "".join(f"<td>{esc(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows) + "</table>")
 
 def parse_overrides(text: str) -> dict:
-    "`key=value` lines (values in YAML) to a dict; blank lines and `#` comments are skipped."
-    out = {}
+    "`key=value` lines (values in YAML 1.2, as DVC reads `-S`) to a dict; blank lines and `#` comments are skipped."
+    from ruamel.yaml import YAML
+    y, out = YAML(typ="safe", pure=True), {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line: continue
         if "=" not in line: raise CloudError(f"params line {n}: {line!r} is not key=value")
         k, v = (x.strip() for x in line.split("=", 1))
-        out[k] = yaml.safe_load(v) if v else None
+        out[k] = y.load(v) if v else None  # YAML 1.2: 1e-4 is a float and `no` a string (PyYAML's 1.1 says '1e-4' and False)
     return out
 
 class ControlPanel:

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'LR_SCHEDULES', 'PRESETS', 'RECIPES', 'DEFAULT_BASE', 'SOURCES', 'ConfigError', 'Section',
-           'check_subset_size', 'check_val_size', 'IdentityCfg', 'SourceCfg', 'SplitCfg', 'DataCfg', 'TinyCfg',
-           'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg', 'Config', 'deep_merge', 'effective_raw', 'format_error',
-           'parse_params', 'read_params', 'load_params', 'Paths']
+           'check_subset_size', 'check_val_size', 'IdentityCfg', 'SourceCfg', 'SplitCfg', 'ReplayCfg', 'DataCfg',
+           'TinyCfg', 'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg', 'Config', 'deep_merge', 'effective_raw',
+           'format_error', 'parse_params', 'read_params', 'load_params', 'Paths']
 
 # %% ../nbs/00_config.ipynb #830162a0
 class ConfigError(ValueError):
@@ -64,10 +64,18 @@ class SplitCfg(Section):
     val_size: Union[int, float] = 0.15  # validation share: count of groups or a fraction
     _v = field_validator("val_size", mode="before")(check_val_size)
 
+class ReplayCfg(Section):
+    "The base's own answers to short questions, trained beside the new data so the model keeps what it knew."
+    questions: Optional[str] = "data/samples/replay.jsonl"  # JSONL of {"id", "question"}; null: no replay rows
+    subset_size: Optional[Union[int, float]] = None  # questions to ask: count, fraction or null (all)
+    max_new_tokens: int = Field(64, ge=1)  # longest answer; one that does not stop is cut at its last full sentence
+    _v = field_validator("subset_size", mode="before")(check_subset_size)
+
 class DataCfg(Section):
     identity: IdentityCfg = IdentityCfg()
     orca: SourceCfg = SourceCfg(source="data/samples/openorca.jsonl")
     platypus: SourceCfg = SourceCfg(source="data/samples/platypus.jsonl")
+    replay: ReplayCfg = ReplayCfg()
     split: SplitCfg = SplitCfg()
 
 # %% ../nbs/00_config.ipynb #94cb7156
@@ -197,11 +205,12 @@ RECIPES = {  # defaults per base, under the preset and under every explicit key
     "tiny": {"lora": {"r": 64, "alpha": 128, "dropout": 0.0, "modules_to_save": ["lm_head"]},
              "train": {"num_train_epochs": 6.0, "learning_rate": 4e-3, "max_length": 256, "per_device_train_batch_size": 16,
                        "per_device_eval_batch_size": 32},
-             "eval": {"retention": None}},  # a random model knows no facts: nothing to retain
+             "data": {"replay": {"questions": None}},
+             "eval": {"retention": None}},  # a random model knows no facts: nothing to retain, nothing to replay
     "smollm2-135m": {"data": {"orca": {"source": "data/samples/openorca.jsonl", "subset_size": 32},
                               "platypus": {"source": "data/samples/platypus.jsonl", "subset_size": 32}},
                      "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
-                     "train": {"num_train_epochs": 2.0, "learning_rate": 1e-3, "max_length": 256, "per_device_train_batch_size": 8,
+                     "train": {"num_train_epochs": 2.0, "learning_rate": 5e-4, "max_length": 256, "per_device_train_batch_size": 8,
                                "per_device_eval_batch_size": 16},
                      "eval": {"max_new_tokens": 96}},
 }
@@ -279,7 +288,7 @@ def load_params(path: str | Path = "params.yaml") -> Config:
     return parse_params(read_params(path), str(path))
 
 # %% ../nbs/00_config.ipynb #2981e9e5
-SOURCES = ("identity", "orca", "platypus")
+SOURCES = ("identity", "orca", "platypus", "replay")
 
 @dataclass(frozen=True)
 class Paths:

@@ -17,8 +17,8 @@ from .data import write_json
 __all__ = ['PAD', 'BOS', 'EOT', 'ROLE_TOKENS', 'CHAT_TEMPLATE', 'TINY_CORPUS', 'BASE_FILE', 'EMBEDDED', 'NEUTRAL_SYSTEM',
            'corpus_texts', 'build_tiny_tokenizer', 'build_tiny_model', 'ModelError', 'is_tiny', 'file_sha256',
            'dir_fingerprint', 'base_descriptor', 'cache_dir', 'embedded_gguf', 'gguf_eos_token', 'convert_gguf',
-           'converted_base', 'build_base', 'compute_dtype', 'is_fsdp', 'quantization_config', 'base_source',
-           'ensure_pad_token', 'load_tokenizer', 'load_base_model', 'template_system', 'chat_messages']
+           'converted_base', 'build_base', 'auto_precision', 'compute_dtype', 'is_fsdp', 'quantization_config',
+           'base_source', 'ensure_pad_token', 'load_tokenizer', 'load_base_model', 'template_system', 'chat_messages']
 
 # %% ../nbs/04_model.ipynb #c0335eb3
 PAD, BOS, EOT = "<|pad|>", "<|bos|>", "<|eot|>"
@@ -216,12 +216,17 @@ def build_base(cfg: Config, paths: Paths) -> dict:
     return desc
 
 # %% ../nbs/04_model.ipynb #821d8804
+def auto_precision(capability: tuple[int, int] | None) -> str:
+    "What `precision: auto` means on a device of CUDA compute `capability` (None: no GPU)."
+    if capability is None: return "fp32"  # CPU: bf16 autocast is emulated there, and >10x slower
+    # native bf16 from Ampere (8.0) on; `torch.cuda.is_bf16_supported()` also says yes on a T4 or V100, where it is emulated
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
 def compute_dtype(precision: str = "auto"):
-    "bf16 where the GPU supports it, else fp16 on a GPU, fp32 on a CPU (or what `precision` asks for)."
+    "The torch dtype of `train.precision`: `auto` is bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on a CPU."
     import torch
-    if precision != "auto": return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    if torch.cuda.is_available(): return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if precision == "auto": precision = auto_precision(torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 def is_fsdp() -> bool:
     "Whether this process was started by `accelerate launch` with an FSDP config (it sets `ACCELERATE_USE_FSDP`)."

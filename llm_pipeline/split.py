@@ -32,7 +32,7 @@ def data_split(cfg: Config, paths: Paths, source: str) -> dict:
     "Split one processed source into `data/split/{train,val}_<source>.jsonl` (DVC runs one stage per source)."
     stage = f"data_split@{source}"
     rows = read_jsonl(paths.processed(source))
-    tr, va = split_by_group(rows, cfg.data.split.val_size, cfg.seed, source)
+    tr, va = split_by_group(rows, cfg.data.split.val_size, cfg.seed, source) if rows else ([], [])  # a source turned off is empty
     write_jsonl(paths.split("train", source), tr); write_jsonl(paths.split("val", source), va)
     report = Report(stage, rows_in=len(rows), rows_out=len(tr) + len(va), extra=dict(
         source=source, val_size=cfg.data.split.val_size, seed=cfg.seed, train=len(tr), val=len(va),
