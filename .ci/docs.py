@@ -103,7 +103,7 @@ def readme(check: bool = False):
             if code and opts.get("echo", "true") != "false" and opts.get("include", "true") != "false":
                 parts.append(f"```python\n{code}\n```")
     # links between pages name the site's pages (`params.html`); on the repo's front page they go to the notebooks
-    pages = {re.sub(r"^\d+_", "", p.stem) + ".html": f"nbs/{p.name}" for p in (ROOT/"nbs").glob("*.ipynb")}
+    pages = {re.sub(r"^\d+[a-zA-Z0-9]*_", "", p.stem) + ".html": f"nbs/{p.name}" for p in (ROOT/"nbs").glob("*.ipynb")}
     text = re.sub(r"\]\(([\w-]+\.html)(#[^)]*)?\)", lambda m: f"]({pages.get(m[1], m[1])}{m[2] or ''})", "\n\n".join(parts))
     text = README_HEADER + text + "\n"
     if not check: (ROOT/"README.md").write_text(text)

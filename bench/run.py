@@ -11,6 +11,9 @@ and to bench/results/<date>-<machine>[-quick].json (a run with --only replaces j
 Sections:
 - data: `process_orca_data` on a generated OpenOrca-schema parquet of `--rows` rows vs the reference's pandas approach
   (read all, sample, convert): wall seconds and peak RSS of the process.
+- json: `process_data` (format sharegpt) taking `--json-subset` conversations from a generated ShareGPT JSON array of
+  `--json-mb` MB (default 500) vs reading it whole with `json.load` (what JsonArraySource did before): wall seconds and
+  the growth of peak RSS above the process's own after its imports, also as a fraction of the file's size (target < 0.2).
 - train: our `train` stage with params.yaml's defaults vs the reference trainer configuration (bench/reference_train.py:
   batch 8, eval every 10 steps, group_by_length, pad = EOS, no packing, loss on prompts), on the embedded tiny model and
   the bundled sample data, same rows and epochs: non-pad tokens per second of `Trainer.train()`, its wall time, the
@@ -24,7 +27,7 @@ Sections:
 - gpu: bench/gpu.py (QLoRA on a Llama-2-7B-shaped model, ours vs the 2023 recipe: tokens/s, peak memory, MFU) when
   torch sees a CUDA device; skipped otherwise.
 
-Durations on 2 quiet cores (2026-11-28): data 2.5 min, train 3 x (ours 2.7 + reference 3.8 + val losses 0.7) min, overhead 2 min.
+Durations on 2 quiet cores (2026-11-28): data 2.5 min, json 2 min (2 reps; the 500 MB file is generated once into bench/.cache/, 1 min), train 3 x (ours 2.7 + reference 3.8 + val losses 0.7) min, overhead 2 min.
 """
 from __future__ import annotations
 import argparse, copy, json, os, platform, re, shutil, statistics, subprocess, sys, tempfile, time
@@ -39,7 +42,7 @@ from llm_pipeline.testing import dvc, dvc_env, tiny_raw
 BENCH = ROOT/"bench"
 CACHE = BENCH/".cache"
 PY = sys.executable
-SECTIONS = ("data", "train", "overhead", "gpu")
+SECTIONS = ("data", "json", "train", "overhead", "gpu")
 
 
 def generate_orca(path: Path, rows: int, seed: int = 0, group: int = 10_000) -> Path:
@@ -175,6 +178,66 @@ def bench_data(rows: int, reps: int) -> list[dict]:
                 ours, ref = (statistics.median(r[i] for r in runs[s]) for s in (side, "reference"))
                 out.append(row("data", f"process_orca_data {n} of {rows} rows ({src.stat().st_size / 1e9:.2f} GB): {what}{tag}", ours, ref))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------- json
+def generate_sharegpt(path: Path, mb: int, seed: int = 0) -> Path:
+    "A ShareGPT JSON array of about `mb` MB: multi-turn conversations of lognormal lengths, some non-ASCII text."
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    words = np.array(["the", "river", "of", "data", "flows", "into", "a", "model", "that", "learns", "café", "数据", "naïve", "über",
+                      "quickly", "when", "every", "row", "is", "counted", "and", "nothing", "lost", "silently"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, size, i = path.with_suffix(".tmp"), 0, 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("[\n")
+        while size < mb * 1e6:
+            turns = []
+            for k in range(2 * int(rng.integers(1, 4))):
+                n = int(np.clip(rng.lognormal(np.log(60 if k % 2 else 20), 0.7), 2, 1500))
+                turns.append({"from": "gpt" if k % 2 else "human", "value": " ".join(words[rng.integers(0, len(words), n)])})
+            s = ("," if i else "") + json.dumps({"id": f"c{i}", "conversations": turns}, ensure_ascii=False) + "\n"
+            f.write(s); size += len(s.encode("utf-8")); i += 1
+        f.write("]\n")
+    os.replace(tmp, path)
+    return path
+
+JSON_OURS = """import json, resource, sys
+from pathlib import Path
+from llm_pipeline.config import Paths, parse_params
+from llm_pipeline.formats import process_data
+from llm_pipeline.testing import tiny_raw
+raw = tiny_raw(); raw["data"]["extra"] = {"big": {"source": sys.argv[1], "format": "sharegpt", "subset_size": int(sys.argv[2])}}
+cfg = parse_params(raw)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rep = process_data(cfg, Paths(Path(sys.argv[3])), "big")
+print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rows_in": rep["rows_in"]}))
+"""
+JSON_REFERENCE = """import json, random, resource, sys
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rows = json.load(open(sys.argv[1], encoding="utf-8"))  # the whole array in memory, then a sample
+keep = random.Random(42).sample(rows, int(sys.argv[2]))
+print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rows_in": len(rows)}))
+"""
+
+
+def bench_json(mb: int, subset: int, reps: int) -> list[dict]:
+    src = CACHE/f"sharegpt-{mb}mb.json"
+    if not src.exists(): generate_sharegpt(src, mb)
+    size_mb = src.stat().st_size / 1e6
+    runs = {"ours": [], "reference": []}
+    for _ in range(reps):  # alternating
+        for side, code in (("ours", JSON_OURS), ("reference", JSON_REFERENCE)):
+            with tempfile.TemporaryDirectory() as d:
+                out = Path(d)/"out.json"
+                wall, _ = measure_argv([PY, "-c", code, src, subset, d], stdout=out)
+                r = json.loads(out.read_text())
+                runs[side].append((wall, (r["peak_kb"] - r["base_kb"]) / 1024, r["rows_in"]))
+    med = lambda side, i: statistics.median(r[i] for r in runs[side])
+    what = f"{subset} of {runs['ours'][0][2]} ShareGPT conversations ({size_mb:.0f} MB JSON array)"
+    return [row("json", f"process_data {what}: wall s", med("ours", 0), med("reference", 0)),
+            row("json", f"process_data {what}: peak RSS growth after imports, MB", med("ours", 1), med("reference", 1)),
+            row("json", f"process_data {what}: peak RSS growth / file size", med("ours", 1) / size_mb, med("reference", 1) / size_mb, 3)]
 
 
 # --------------------------------------------------------------------------------------------------------------- train
@@ -428,6 +491,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 rep, --rows 20000, half a training epoch, 2 no-op repros")
     ap.add_argument("--reps", type=int, default=None, help="data section repetitions (default 3)")
     ap.add_argument("--rows", type=int, default=None, help="rows of the generated parquet (default 1000000)")
+    ap.add_argument("--json-mb", type=int, default=None, help="size of the generated ShareGPT JSON array (default 500; --quick: 50)")
+    ap.add_argument("--json-subset", type=int, default=1000, help="conversations the json section takes from it (default 1000)")
     ap.add_argument("--train-reps", type=int, default=None, help="training runs per side (default 3)")
     ap.add_argument("--overhead-reps", type=int, default=None, help="no-op dvc repro runs per side (default 5)")
     ap.add_argument("--variants", default="", help="comma-separated training variants to add: " + ", ".join(
@@ -451,6 +516,7 @@ def main():
             t0 = time.perf_counter()
             print(f"== {section}", flush=True)
             if section == "data": rows += bench_data(n_rows, reps)
+            elif section == "json": rows += bench_json(a.json_mb or (50 if q else 500), a.json_subset, reps)
             elif section == "train":
                 r, extra["training"] = bench_train(train_reps, q, variants, tmp/"train", a.same_seed); rows += r
             elif section == "overhead":
@@ -467,7 +533,7 @@ def main():
     res = BENCH/"results"/f"{date.today()}-{platform.node() or 'machine'}{'-quick' if q else ''}.json"
     old = json.loads(res.read_text()) if res.exists() else {}
     keep = [r for r in old.get("results", []) if r.get("section", "data") not in only]  # a run with --only replaces its sections
-    settings = {"quick": q, "reps": reps, "rows": n_rows, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": variants,
+    settings = {"quick": q, "reps": reps, "rows": n_rows, "json_mb": a.json_mb or (50 if q else 500), "json_subset": a.json_subset, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": variants,
                 "same_seed": a.same_seed}
     doc = {**{k: v for k, v in old.items() if k not in ("results",)},
            "date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],

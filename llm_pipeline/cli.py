@@ -9,17 +9,18 @@ from __future__ import annotations
 import argparse, importlib, subprocess, sys, time
 from pathlib import Path
 
-from .config import SOURCES, ConfigError, Paths, load_params
+from .config import SOURCES, ConfigError, Paths, all_sources, load_params
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_HELP', 'PIPELINE', 'run_stage', 'run_pipeline', 'scratch_project', 'build_parser', 'user_errors',
-           'main']
+__all__ = ['STAGES', 'STAGE_HELP', 'PIPELINE', 'PER_SOURCE', 'run_stage', 'run_pipeline', 'scratch_project', 'build_parser',
+           'user_errors', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 STAGES = {  # CLI name: (module, function); DVC's stage name is the function name
     "generate-identity-data": ("llm_pipeline.identity", "generate_identity_data"),
     "process-orca-data": ("llm_pipeline.data", "process_orca_data"),
     "process-platypus-data": ("llm_pipeline.data", "process_platypus_data"),
+    "process-data": ("llm_pipeline.formats", "process_data"),
     "data-split": ("llm_pipeline.split", "data_split"),
     "merge-data": ("llm_pipeline.split", "merge_data"),
     "build-base": ("llm_pipeline.model", "build_base"),
@@ -32,6 +33,7 @@ STAGE_HELP = {
     "generate-identity-data": "identity Q&A about the fine-tuned model -> data/processed/identity.jsonl",
     "process-orca-data": "OpenOrca subset to chat rows -> data/processed/orca.jsonl",
     "process-platypus-data": "Open-Platypus subset to chat rows -> data/processed/platypus.jsonl",
+    "process-data": "one of your own sources (data.extra.<name>: messages, sharegpt, alpaca, ...) to chat rows -> data/processed/<name>.jsonl",
     "data-split": "one source's train/val split by group -> data/split/{train,val}_<source>.jsonl",
     "merge-data": "merge, de-duplicate, shuffle -> data/final/{train,val}.jsonl",
     "build-base": "the embedded SmolLM2 or tiny model + tokenizer, a converted .gguf, or a descriptor of a hub / local base -> models/base/",
@@ -42,8 +44,9 @@ STAGE_HELP = {
 }
 
 # %% ../nbs/09_cli.ipynb #ae53bb11
-PIPELINE = ("generate-identity-data", "process-orca-data", "process-platypus-data", "build-base", "generate-replay-data",
-            "data-split", "merge-data", "train", "merge-model", "sanity-check")  # dvc.yaml's order
+PIPELINE = ("generate-identity-data", "process-orca-data", "process-platypus-data", "process-data", "build-base",
+            "generate-replay-data", "data-split", "merge-data", "train", "merge-model", "sanity-check")  # dvc.yaml's order
+PER_SOURCE = ("process-data", "data-split")  # stages DVC runs once per source (`--source`)
 
 def run_stage(name: str, cfg, paths: Paths, **kw):
     "Run one stage in-process (its module is imported only now)."
@@ -55,8 +58,9 @@ def run_pipeline(cfg, paths: Paths, until: str = "sanity-check") -> dict:
     if until not in PIPELINE: raise ValueError(f"until must be one of {', '.join(PIPELINE)}; got {until!r}")
     results = {}
     for name in PIPELINE:
-        if name == "data-split":
-            for s in SOURCES: results[f"{name}@{s}"] = run_stage(name, cfg, paths, source=s)
+        if name in PER_SOURCE:
+            for s in (all_sources(cfg) if name == "data-split" else cfg.data.extra):
+                results[f"{name}@{s}"] = run_stage(name, cfg, paths, source=s)
         else: results[name] = run_stage(name, cfg, paths)
         if name == until: break
     return results
@@ -77,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
         sp.add_argument("--params", default="params.yaml", metavar="PATH",
                         help="params file; outputs go under its directory (default: params.yaml)")
-        if name == "data-split": sp.add_argument("--source", choices=SOURCES, required=True, help="the source to split")
+        if name in PER_SOURCE:
+            sp.add_argument("--source", required=True, metavar="NAME",
+                            help=f"the source: {', '.join(SOURCES)} or one of data.extra" if name == "data-split" else "a name in data.extra")
     return p
 
 def user_errors() -> tuple[type, ...]:
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if cmd := launch_command(cfg, ["train", "--params", str(Path(args.params).resolve())]):
                 print(f"llm-pipeline train: launching {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
                 return subprocess.call(cmd)
-        kw = {"source": args.source} if args.stage == "data-split" else {}
+        kw = {"source": args.source} if args.stage in PER_SOURCE else {}
         result = run_stage(args.stage, cfg, Paths(Path(args.params).resolve().parent), **kw)
     except user_errors() as e:
         for line in str(e).splitlines(): print(f"llm-pipeline {args.stage}: error: {line}", file=sys.stderr)

@@ -6,19 +6,19 @@ Docs: https://llm-pipeline.github.io/llm-pipeline/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #e45e1cd1
 from __future__ import annotations
-import difflib, os, warnings
+import difflib, os, re, warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'LR_SCHEDULES', 'PRESETS', 'RECIPES', 'DEFAULT_BASE', 'SOURCES', 'ConfigError', 'Section',
-           'check_subset_size', 'check_val_size', 'IdentityCfg', 'SourceCfg', 'SplitCfg', 'ReplayCfg', 'DataCfg',
-           'TinyCfg', 'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg', 'Config', 'deep_merge', 'effective_raw',
-           'format_error', 'parse_params', 'read_params', 'load_params', 'Paths']
+__all__ = ['FORMATS', 'SOURCES', 'OPTIMIZERS', 'LR_SCHEDULES', 'PRESETS', 'RECIPES', 'DEFAULT_BASE', 'ConfigError', 'Section',
+           'check_subset_size', 'check_val_size', 'IdentityCfg', 'SourceCfg', 'ExtraSourceCfg', 'SplitCfg', 'ReplayCfg',
+           'DataCfg', 'TinyCfg', 'ModelCfg', 'LoraCfg', 'TrainCfg', 'EvalCfg', 'Config', 'deep_merge', 'effective_raw',
+           'format_error', 'parse_params', 'read_params', 'load_params', 'all_sources', 'Paths']
 
 # %% ../nbs/00_config.ipynb #830162a0
 class ConfigError(ValueError):
@@ -57,7 +57,14 @@ class SourceCfg(Section):
     data_files: Optional[str] = None  # hub only: one file of the dataset (e.g. `1M-GPT4-Augmented.parquet`)
     streaming: bool = False  # hub only: stream rows instead of downloading the dataset (for big ones)
     shuffle_buffer: int = Field(10_000, ge=1)  # streaming only: the seeded shuffle draws from a window of this many rows
+    revision: Optional[str] = None  # hub only: the dataset commit (or tag) to read; the report records the commit it resolved to
     _v = field_validator("subset_size", mode="before")(check_subset_size)
+
+FORMATS = ("messages", "sharegpt", "alpaca", "orca", "platypus")
+
+class ExtraSourceCfg(SourceCfg):
+    "One of your own sources under `data.extra.<name>`: a `SourceCfg` and the format its rows are in."
+    format: Literal[FORMATS]  # messages (OpenAI `messages`), sharegpt (`conversations`), alpaca, orca or platypus
 
 class SplitCfg(Section):
     "Train/validation split, applied per source."
@@ -71,12 +78,24 @@ class ReplayCfg(Section):
     max_new_tokens: int = Field(64, ge=1)  # longest answer; one that does not stop is cut at its last full sentence
     _v = field_validator("subset_size", mode="before")(check_subset_size)
 
+SOURCES = ("identity", "orca", "platypus", "replay")  # the built-in sources, in merge order
+
 class DataCfg(Section):
     identity: IdentityCfg = IdentityCfg()
     orca: SourceCfg = SourceCfg(source="data/samples/openorca.jsonl")
     platypus: SourceCfg = SourceCfg(source="data/samples/platypus.jsonl")
     replay: ReplayCfg = ReplayCfg()
+    extra: dict[str, ExtraSourceCfg] = {}  # your own sources by name: each is a DVC branch, process_data@<name>
     split: SplitCfg = SplitCfg()
+
+    @field_validator("extra")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        for name in v:
+            if name in SOURCES: raise ValueError(f"'{name}' is a built-in source; give yours another name")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+                raise ValueError(f"'{name}' is not a usable source name (lowercase letters, digits, '_' and '-'; it names files and DVC stages)")
+        return v
 
 # %% ../nbs/00_config.ipynb #94cb7156
 class TinyCfg(Section):
@@ -135,7 +154,7 @@ class TrainCfg(Section):
     eval_strategy: Literal["no", "steps", "epoch"] = "epoch"  # when the validation loss is computed
     eval_steps: Optional[int] = Field(None, ge=1)  # with eval_strategy steps: every this many steps
     save_steps: int = Field(20, ge=1)  # a resumable checkpoint every this many steps
-    save_total_limit: int = Field(2, ge=1)  # checkpoints kept per run (older ones are deleted)
+    save_total_limit: int = Field(2, ge=2)  # checkpoints kept per run, at least 2: the Trainer deletes old ones before the new one is complete
     logging_steps: int = Field(5, ge=1)  # train loss logged to dvclive every this many steps
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the GPU supports it
@@ -183,7 +202,7 @@ _LLAMA2_QLORA = {
     "model": {"quantization": "4bit", "revision": None},
     "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear", "modules_to_save": None},
     "train": {"optim": "paged_adamw_32bit", "learning_rate": 2e-4, "precision": "auto", "lr_scheduler_type": "cosine",
-              "warmup_steps": 0.03, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "num_train_epochs": 1.0,
+              "warmup_steps": 0.03, "per_device_train_batch_size": 4, "global_batch_size": 16, "num_train_epochs": 1.0,
               "max_length": 1024, "gradient_checkpointing": True, "eval_strategy": "epoch"},
     "eval": {"max_new_tokens": 256},
 }
@@ -232,17 +251,20 @@ def effective_raw(raw: dict) -> dict:
 # %% ../nbs/00_config.ipynb #64dc1edf
 def _section_at(loc: tuple) -> type[BaseModel] | None:
     "The params section class found by walking `loc` from `Config`."
-    cls = Config
-    for k in loc:
+    cls, keys = Config, list(loc)
+    while keys:
+        k = keys.pop(0)
         f = cls.model_fields.get(k) if isinstance(k, str) else None
-        if f is None or not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)): return None
-        cls = f.annotation
+        ann = f.annotation if f is not None else None
+        if get_origin(ann) is dict and keys: ann = get_args(ann)[1]; keys.pop(0)  # data.extra.<name>: the entry's section
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)): return None
+        cls = ann
     return cls
 
 def format_error(err: dict) -> str:
     "One line for one pydantic error: the dotted key, what is allowed, and the value given."
     loc = tuple(k for k in err["loc"] if not (isinstance(k, str) and k in ("int", "float", "str", "list[str]", "none")))
-    key = ".".join(str(k) for k in loc) or "<top level>"
+    key = ".".join(str(k) if str(k).isprintable() and str(k).strip() == str(k) != "" else repr(k) for k in loc) or "<top level>"  # (a user's own names, e.g. under data.extra, may be odd)
     if err["type"] == "extra_forbidden":
         sec = _section_at(loc[:-1])
         allowed = sorted(sec.model_fields) if sec else []
@@ -288,7 +310,9 @@ def load_params(path: str | Path = "params.yaml") -> Config:
     return parse_params(read_params(path), str(path))
 
 # %% ../nbs/00_config.ipynb #2981e9e5
-SOURCES = ("identity", "orca", "platypus", "replay")
+def all_sources(cfg: Config) -> tuple[str, ...]:
+    "The built-in sources, then your own (`data.extra`), in merge order."
+    return SOURCES + tuple(cfg.data.extra)
 
 @dataclass(frozen=True)
 class Paths:

@@ -6,7 +6,8 @@ Docs: https://llm-pipeline.github.io/llm-pipeline/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #f49b3cc0
 from __future__ import annotations
-import hashlib, json, multiprocessing, os, sys
+import codecs, hashlib, json, multiprocessing, os, sys
+from array import array
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -25,9 +26,9 @@ from .config import Config, Paths, SourceCfg
 # %% auto #0
 __all__ = ['LOCAL_SUFFIXES', 'ORCA', 'PLATYPUS', 'DataError', 'Report', 'write_json', 'write_jsonl', 'read_jsonl', 'RowSource',
            'Drop', 'JsonlSource', 'decode_json_line', 'JsonArraySource', 'ParquetSource', 'HubSource', 'StreamSource',
-           'open_source', 'Schema', 'row_problem', 'norm_text', 'prompt_key', 'short_hash', 'conversation_key',
-           'chat_row', 'subset_count', 'convert_row', 'select_rows', 'process_source', 'process_orca_data',
-           'process_platypus_data', 'malformed_orca_fixture']
+           'open_source', 'Schema', 'text_problem', 'row_problem', 'norm_text', 'prompt_key', 'short_hash',
+           'conversation_key', 'chat_row', 'subset_count', 'seeded_subset', 'convert_row', 'select_rows',
+           'process_source', 'process_orca_data', 'process_platypus_data', 'malformed_orca_fixture']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
 class DataError(ValueError):
@@ -111,18 +112,21 @@ class Drop:
 class JsonlSource(RowSource):
     "A `.jsonl` file: one scan records where each non-blank line starts; rows are decoded on demand."
     def __init__(self, path: Path):
-        self.path, self.offsets, self.lines = Path(path), [], []
+        self.path, self.offsets, self.lines, self.cut = Path(path), [], [], False
         with open(self.path, "rb") as f:
             pos = 0
             for i, line in enumerate(f, 1):
-                if line.strip(): self.offsets.append(pos); self.lines.append(i)
+                if line.strip(): self.offsets.append(pos); self.lines.append(i); self.cut = not line.endswith(b"\n")
                 pos += len(line)
     def __len__(self): return len(self.offsets)
     def rows(self, idxs):
         with open(self.path, "rb") as f:
             for i in idxs:
                 f.seek(self.offsets[i])
-                yield i, f"line {self.lines[i]}", decode_json_line(f.readline())
+                row = decode_json_line(f.readline())
+                # a last line with no newline that does not parse: the file was cut off (a failed download, a full disk)
+                if self.cut and i == len(self.offsets) - 1 and row == Drop("invalid_json"): row = Drop("truncated")
+                yield i, f"line {self.lines[i]}", row
 
 def decode_json_line(b: bytes) -> Any:
     "One JSONL line to an object, or a `Drop` saying why not."
@@ -134,19 +138,67 @@ def decode_json_line(b: bytes) -> Any:
 
 # %% ../nbs/01_data.ipynb #3cf799f3
 class JsonArraySource(RowSource):
-    "A `.json` file holding one array of objects (read whole: that is the format)."
+    """A `.json` file holding one array of objects, never read whole: one scan records where each item starts and ends
+    (the file is decoded a block at a time), and items are decoded again on demand. An array cut short yields its complete
+    items and one `truncated` row for the cut-off tail; a syntax error yields the items before it and one `invalid_json` row."""
+    BLOCK = 1 << 20  # characters decoded at a time: memory is about one block plus the longest item
     def __init__(self, path: Path):
-        self.path = Path(path)
-        try: data = json.loads(self.path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e: raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except ValueError as e: raise DataError(f"{path}: not valid JSON ({e}); use .jsonl for one object a line") from None
-        if not isinstance(data, list): raise DataError(f"{path}: expected a JSON array of objects, got a {type(data).__name__}")
-        self.data = data
-    def __len__(self): return len(self.data)
+        self.path, self.spans, self.tail = Path(path), array("q"), None  # spans: byte start, end of each item
+        with open(self.path, "rb") as f:
+            try: self._scan(f)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text ({e.reason}); a .json source must be a UTF-8 JSON array") from None
+    def __len__(self): return len(self.spans) // 2 + (self.tail is not None)
+
+    def _scan(self, f):
+        utf8, dec = codecs.getincrementaldecoder("utf-8")(), json.JSONDecoder()
+        buf, i, pos, eof = "", 0, 0, False  # pos: the byte offset of buf[i] in the file
+        def more() -> bool:  # drop what is consumed, decode the next block; False at the end of the file
+            nonlocal buf, i, eof
+            if eof: return False
+            b = f.read(self.BLOCK)
+            eof = not b
+            buf, i = buf[i:] + utf8.decode(b, final=eof), 0
+            return not eof
+        def skip_ws() -> str:  # the next non-blank character ("" at the end of the file); blanks are one byte each
+            nonlocal i, pos
+            while True:
+                j = i
+                while i < len(buf) and buf[i] in " \t\r\n": i += 1
+                pos += i - j
+                if i < len(buf) or not more(): return buf[i] if i < len(buf) else ""
+        nbytes = lambda a, b: b - a if buf.isascii() else len(buf[a:b].encode("utf-8"))  # (isascii is O(1) on a str)
+        c = skip_ws()
+        if c != "[":
+            raise DataError(f"{self.path}: expected a JSON array of objects (starting with '['), found "
+                            f"{repr(c) if c else 'an empty file'}; use .jsonl for one object a line")
+        i += 1; pos += 1
+        if skip_ws() == "]": return
+        while True:
+            try: _, end = dec.raw_decode(buf, i)
+            except ValueError as e:
+                # an item that runs past the block (or past the file, when it was cut off), or a real syntax error
+                if e.pos >= len(buf.rstrip()) - 1 or str(e).startswith("Unterminated string"):
+                    if more(): continue
+                    self.tail = (Drop("truncated"), f"bytes {pos}-")
+                else: self.tail = (Drop("invalid_json"), f"byte {pos + nbytes(i, e.pos)}")
+                return
+            size = nbytes(i, end)
+            self.spans.extend((pos, pos + size)); pos += size; i = end
+            c = skip_ws()
+            if c == ",": i += 1; pos += 1; skip_ws()
+            elif c == "]": return
+            else:
+                self.tail = (Drop("truncated") if c == "" else Drop("invalid_json"), f"byte {pos}")
+                return
+
     def rows(self, idxs):
-        for i in idxs:
-            o = self.data[i]
-            yield i, f"item {i}", o if isinstance(o, dict) else Drop("not_an_object")
+        n = len(self.spans) // 2
+        with open(self.path, "rb") as f:
+            for i in idxs:
+                if i == n: yield i, self.tail[1], self.tail[0]; continue
+                f.seek(self.spans[2 * i]); o = json.loads(f.read(self.spans[2 * i + 1] - self.spans[2 * i]))
+                yield i, f"item {i}", o if isinstance(o, dict) else Drop("not_an_object")
 
 # %% ../nbs/01_data.ipynb #063f1f1e
 class ParquetSource(RowSource):
@@ -227,31 +279,44 @@ def _group_rows(src: ParquetSource, g: int, local: np.ndarray, few: bool, fn: Ca
     return [fn(r) for r in rows] if fn else rows
 
 # %% ../nbs/01_data.ipynb #66dc0df4
+def _builder(source: str, data_files: str | None, revision: str | None):
+    "The `datasets` builder of a hub dataset at `revision` (or of a local dataset directory)."
+    import datasets
+    try: return datasets.load_dataset_builder(source, data_files=data_files, revision=revision)
+    except Exception as e: raise _load_error(source, e, revision) from None
+
+def _commit(source: str, builder) -> str | None:
+    "The hub commit a builder resolved to (None for a local dataset directory)."
+    return builder.hash if not Path(source).is_dir() and isinstance(builder.hash, str) else None
+
 class HubSource(RowSource):
     "A hub dataset (or a local dataset directory) through `datasets`: Arrow files, memory-mapped, not loaded into RAM."
-    def __init__(self, source: str, split: str = "train", data_files: str | None = None):
-        import datasets
-        try: self.ds = datasets.load_dataset(source, split=split, data_files=data_files)
-        except Exception as e: raise _load_error(source, e) from None
-        self.columns = set(self.ds.column_names)
+    def __init__(self, source: str, split: str = "train", data_files: str | None = None, revision: str | None = None):
+        b = _builder(source, data_files, revision)
+        try: b.download_and_prepare(); self.ds = b.as_dataset(split=split)  # what `load_dataset` does, keeping the builder
+        except Exception as e: raise _load_error(source, e, revision) from None
+        self.columns, self.commit = set(self.ds.column_names), _commit(source, b)
     def __len__(self): return len(self.ds)
     def rows(self, idxs):
         idxs = list(idxs)
         for i, row in zip(idxs, self.ds.select(idxs)): yield i, f"row {i}", row
 
-def _load_error(source: str, e: Exception) -> DataError:
+def _load_error(source: str, e: Exception, revision: str | None = None) -> DataError:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return DataError(f"{source}: could not load this dataset ({msg}). Offline? Point the source at a local "
+    at = f" at revision {revision}" if revision else ""
+    return DataError(f"{source}: could not load this dataset{at} ({msg}). Offline? Point the source at a local "
                      ".jsonl/.json/.parquet file, or run once with network access to fill the HF cache")
 
 # %% ../nbs/01_data.ipynb #39e14582
 class StreamSource(RowSource):
     "A hub dataset (or dataset directory) streamed through `datasets`: only the rows examined are read."
-    def __init__(self, source: str, split: str = "train", data_files: str | None = None, shuffle_buffer: int = 10_000):
-        import datasets
+    def __init__(self, source: str, split: str = "train", data_files: str | None = None, shuffle_buffer: int = 10_000,
+                 revision: str | None = None):
         self.source, self.split, self.buffer = source, split, shuffle_buffer
-        try: self.ds = datasets.load_dataset(source, split=split, data_files=data_files, streaming=True)
-        except Exception as e: raise _load_error(source, e) from None
+        b = _builder(source, data_files, revision)
+        try: self.ds = b.as_streaming_dataset(split=split)
+        except Exception as e: raise _load_error(source, e, revision) from None
+        self.commit = _commit(source, b)
         self.columns = set(self.ds.column_names) if self.ds.column_names else None
         info = (self.ds.info.splits or {}).get(split) if self.ds.info else None
         self.n = info.num_examples if info is not None and info.num_examples else None
@@ -272,7 +337,8 @@ class StreamSource(RowSource):
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 def open_source(source: str, paths: Paths, columns: Iterable[str], split: str = "train",
-                data_files: str | None = None, streaming: bool = False, shuffle_buffer: int = 10_000) -> RowSource:
+                data_files: str | None = None, streaming: bool = False, shuffle_buffer: int = 10_000,
+                revision: str | None = None) -> RowSource:
     "Open `source`: a local file (by suffix, always read lazily), a local dataset directory, or a hub dataset id (`org/name`)."
     p = paths.resolve(source)
     if p.suffix.lower() in LOCAL_SUFFIXES:
@@ -282,7 +348,7 @@ def open_source(source: str, paths: Paths, columns: Iterable[str], split: str = 
         return ParquetSource(p, columns)
     if p.is_dir() or (source.count("/") == 1 and not source.startswith((".", "/"))):
         name = str(p) if p.is_dir() else source
-        return StreamSource(name, split, data_files, shuffle_buffer) if streaming else HubSource(name, split, data_files)
+        return StreamSource(name, split, data_files, shuffle_buffer, revision) if streaming else HubSource(name, split, data_files, revision)
     raise DataError(f"{source}: not a local .jsonl/.json/.parquet file, a dataset directory, or a hub id like org/name")
 
 # %% ../nbs/01_data.ipynb #81ffcee2
@@ -291,22 +357,32 @@ class Schema:
     "An upstream dataset's schema and its conversion to chat rows."
     name: str                  # e.g. "OpenOrca"
     source: str                # our source name, e.g. "orca"
-    columns: tuple[str, ...]   # required, each a string
+    columns: tuple[str, ...]   # required (each a string, unless `check` says otherwise)
     nonblank: tuple[str, ...]  # required to hold more than whitespace
     to_messages: Callable[[dict], list[dict]]
     meta: Callable[[dict], dict] = lambda r: {}
+    check: Callable[[dict], str | None] | None = None  # the row's problem, in place of the string checks (e.g. a conversation)
 
-def row_problem(row: dict, schema: Schema) -> str | None:
-    "Why `row` is unusable for `schema` (a drop reason), or None when it is valid."
-    for c in schema.columns:
+def text_problem(row: dict, columns: Iterable[str], nonblank: Iterable[str] = (), optional: Iterable[str] = ()) -> str | None:
+    "Why `row`'s text columns are unusable (a drop reason): `columns` required strings, `optional` strings when present."
+    for c in (*columns, *optional):
         v = row.get(c)
-        if v is None: return f"missing:{c}"
+        if v is None:
+            if c in optional: continue
+            return f"missing:{c}"
         if not isinstance(v, str): return f"not_a_string:{c}"
         try: v.encode("utf-8")
         except UnicodeEncodeError: return f"invalid_unicode:{c}"  # e.g. a lone surrogate from "\ud800"
-    for c in schema.nonblank:
+    for c in nonblank:
         if not row[c].strip(): return f"empty:{c}"
     return None
+
+def row_problem(row: dict, schema: Schema) -> str | None:
+    "Why `row` is unusable for `schema` (a drop reason), or None when it is valid."
+    if schema.check is None: return text_problem(row, schema.columns, schema.nonblank)
+    for c in schema.columns:
+        if row.get(c) is None: return f"missing:{c}"
+    return schema.check(row)
 
 # %% ../nbs/01_data.ipynb #75db8091
 def _orca_messages(r: dict) -> list[dict]:
@@ -328,8 +404,8 @@ def norm_text(s: str) -> str:
     return " ".join(s.split()).casefold()
 
 def prompt_key(messages: list[dict]) -> str:
-    "The user turns of a conversation, normalised: two rows with the same key ask the same thing."
-    return "\n".join(norm_text(m["content"]) for m in messages if m["role"] == "user")
+    "A conversation's opening, its first user turn, normalised: the split keeps conversations that open alike on one side."
+    return next((norm_text(m["content"]) for m in messages if m["role"] == "user"), "")
 
 def short_hash(s: str | bytes) -> str: return hashlib.sha1(s.encode("utf-8") if isinstance(s, str) else s).hexdigest()[:16]
 
@@ -349,6 +425,13 @@ def subset_count(subset_size: int | float | None, n: int) -> int:
     if subset_size is None: return n
     if isinstance(subset_size, float): return max(1, round(subset_size * n)) if n else 0
     return min(subset_size, n)
+
+def seeded_subset(items: list, subset_size: int | float | None, seed: int, report: Report) -> list:
+    "The items `subset_size` asks for, drawn by `seed` and kept in their order; the rest are counted as `not_sampled`."
+    want = subset_count(subset_size, len(items))
+    if want >= len(items): return list(items)
+    report.drop("not_sampled", n=len(items) - want)
+    return [items[i] for i in sorted(np.random.default_rng(seed).permutation(len(items))[:want].tolist())]
 
 def convert_row(schema: Schema, raw: dict | Drop) -> tuple[str | None, str | None, bytes | None, tuple]:
     "A raw row as `(why it is dropped or None, its id, its JSONL line, its column names)`."
@@ -392,11 +475,14 @@ def select_rows(src: RowSource, schema: Schema, subset_size, seed: int, report: 
 # %% ../nbs/01_data.ipynb #9ec108b5
 def process_source(scfg: SourceCfg, schema: Schema, stage: str, cfg: Config, paths: Paths) -> dict:
     "Run one upstream source through open, select, convert; write its rows and its report."
-    src = open_source(scfg.source, paths, schema.columns, scfg.split, scfg.data_files, scfg.streaming, scfg.shuffle_buffer)
+    src = open_source(scfg.source, paths, schema.columns, scfg.split, scfg.data_files, scfg.streaming, scfg.shuffle_buffer,
+                      scfg.revision)
     if src.columns is not None and (missing := [c for c in schema.columns if c not in src.columns]):
         raise DataError(f"{scfg.source}: not in the {schema.name} schema: missing columns {', '.join(missing)} "
                         f"(found: {', '.join(sorted(src.columns))})")
-    report = Report(stage, extra={"source": scfg.source, "subset_size": scfg.subset_size, "seed": cfg.seed})
+    report = Report(stage, extra={"source": scfg.source, "format": schema.name, "subset_size": scfg.subset_size, "seed": cfg.seed})
+    if scfg.revision or getattr(src, "commit", None):  # a hub source: the revision asked for and the commit it resolved to
+        report.extra.update(revision=scfg.revision, resolved_revision=getattr(src, "commit", None))
     try: lines = select_rows(src, schema, scfg.subset_size, cfg.seed, report)
     except DataError as e: raise DataError(f"{scfg.source}: {e}") from None
     _atomic_write(paths.processed(schema.source), lambda f: f.writelines(lines), binary=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config, Paths
-from .data import Report, write_jsonl, subset_count
+from .data import Report, seeded_subset, write_jsonl
 
 # %% auto #0
 __all__ = ['QUESTIONS', 'ANSWERS', 'base_description', 'identity_rows', 'generate_identity_data', 'n_questions']
@@ -67,14 +67,8 @@ def generate_identity_data(cfg: Config, paths: Paths) -> dict:
     ic = cfg.data.identity
     rows = identity_rows(ic.name, ic.creator, cfg.model.base)
     report = Report("generate_identity_data", extra={"questions": n_questions(rows), "name": ic.name})
-    want = subset_count(ic.subset_size, len(rows))
-    order = list(range(len(rows)))
-    if ic.subset_size is not None:
-        import numpy as np
-        order = sorted(np.random.default_rng(cfg.seed).permutation(len(rows))[:want].tolist())
-    kept = [rows[i] for i in order]
+    kept = seeded_subset(rows, ic.subset_size, cfg.seed, report)
     report.rows_in, report.rows_out = len(rows), len(kept)
-    if len(rows) - len(kept): report.drop("not_sampled", n=len(rows) - len(kept))
     write_jsonl(paths.processed("identity"), kept)
     return report.write(paths.report("generate_identity_data"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from .config import Config, Paths
-from .data import DataError, Report, read_jsonl, subset_count, write_jsonl
+from .data import DataError, Report, read_jsonl, seeded_subset, write_jsonl
 
 # %% auto #0
 __all__ = ['read_questions', 'last_sentence', 'replay_rows', 'generate_replay_data']
@@ -54,11 +54,7 @@ def generate_replay_data(cfg: Config, paths: Paths) -> dict:
     if rc.questions:
         qs = read_questions(paths.resolve(rc.questions))
         report.rows_in = len(qs)
-        want = subset_count(rc.subset_size, len(qs))
-        if want < len(qs):
-            import numpy as np
-            keep = sorted(np.random.default_rng(cfg.seed).permutation(len(qs))[:want].tolist())
-            report.drop("not_sampled", n=len(qs) - want); qs = [qs[i] for i in keep]
+        qs = seeded_subset(qs, rc.subset_size, cfg.seed, report)
         from llm_pipeline.model import load_base_model, load_tokenizer
         from llm_pipeline.evaluate import generate
         tok = load_tokenizer(cfg, paths)

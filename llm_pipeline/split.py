@@ -9,7 +9,7 @@ from __future__ import annotations
 import random, statistics
 from collections import Counter
 
-from .config import SOURCES, Config, Paths
+from .config import SOURCES, Config, Paths, all_sources
 from .data import DataError, Report, conversation_key, prompt_key, read_jsonl, write_jsonl
 
 # %% auto #0
@@ -30,7 +30,9 @@ def split_by_group(rows: list[dict], val_size: int | float, seed: int, source: s
 # %% ../nbs/03_split.ipynb #5785c5e7
 def data_split(cfg: Config, paths: Paths, source: str) -> dict:
     "Split one processed source into `data/split/{train,val}_<source>.jsonl` (DVC runs one stage per source)."
-    stage = f"data_split@{source}"
+    if source not in all_sources(cfg):
+        raise DataError(f"data-split: no source '{source}'; the sources are {', '.join(all_sources(cfg))} (yours: data.extra)")
+    stage = f"data_split@{source}" if source in SOURCES else f"data_split_extra@{source}"  # the DVC stage's name
     rows = read_jsonl(paths.processed(source))
     tr, va = split_by_group(rows, cfg.data.split.val_size, cfg.seed, source) if rows else ([], [])  # a source turned off is empty
     write_jsonl(paths.split("train", source), tr); write_jsonl(paths.split("val", source), va)
@@ -76,7 +78,8 @@ def merge_parts(train_parts: dict[str, list], val_parts: dict[str, list], seed: 
 def merge_data(cfg: Config, paths: Paths) -> dict:
     "Merge the split files into `data/final/{train,val}.jsonl` with a report of counts and lengths."
     report = Report("merge_data")
-    parts = {part: {s: read_jsonl(paths.split(part, s)) for s in SOURCES} for part in ("train", "val")}
+    sources = all_sources(cfg)  # the built-in ones, then yours, in that order
+    parts = {part: {s: read_jsonl(paths.split(part, s)) for s in sources} for part in ("train", "val")}
     train, val = merge_parts(parts["train"], parts["val"], cfg.seed, report)
     leaks = len({prompt_key(r["messages"]) for r in train} & {prompt_key(r["messages"]) for r in val})
     if leaks: raise AssertionError(f"{leaks} validation prompts are still in training")  # merge_parts removes them
@@ -85,6 +88,6 @@ def merge_data(cfg: Config, paths: Paths) -> dict:
     report.extra.update(
         seed=cfg.seed, val_prompts_in_train=leaks, train_rows=len(train), val_rows=len(val),
         per_source={"train": by_src(train), "val": by_src(val)},
-        lengths={part: {"all": row_lengths(rows), **{s: row_lengths([r for r in rows if r["source"] == s]) for s in SOURCES}}
+        lengths={part: {"all": row_lengths(rows), **{s: row_lengths([r for r in rows if r["source"] == s]) for s in sources}}
                  for part, rows in (("train", train), ("val", val))})
     return report.write(paths.report("merge_data"))

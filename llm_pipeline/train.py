@@ -16,7 +16,7 @@ from .model import (BASE_FILE, ModelError, chat_messages, compute_dtype, file_sh
                                  load_tokenizer, template_system)
 
 # %% auto #0
-__all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'NOT_IN_FINGERPRINT', 'run_fingerprint', 'fingerprint_diff', 'checkpoint_step',
+__all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'TRAIN_MATH', 'run_fingerprint', 'fingerprint_diff', 'checkpoint_step',
            'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume', 'CheckpointMarker',
            'global_step_dvclive_callback', 'use_dvclive', 'assistant_only', 'training_rows', 'sft_config',
            'lora_config', 'compact_lm_head', 'token_lengths', 'fit_length', 'mask_preview', 'check_mask', 'plot_losses',
@@ -26,17 +26,22 @@ __all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'NOT_IN_FINGERPRINT', 'run_fi
 MARKER = "llm_pipeline_complete.json"
 FINAL_LOG = "llm_pipeline_final_log.json"  # the finished run's whole log, beside its last checkpoint
 FINAL_DVCLIVE = "dvclive-final"  # and its final dvclive history
-# where, how often and on how many processes, not what: a job recovered on another cluster shape resumes its run
-NOT_IN_FINGERPRINT = ("checkpoint_dir", "save_total_limit", "logging_steps", "launcher", "num_processes", "accelerate_config")
+# what changes the training math (an allow-list): a change to one of these starts a new run; any other `train.*` key
+# (where checkpoints go, how often to save, log or evaluate, the eval batch, gradient checkpointing, how many processes
+# launch it) resumes the run, so halving the eval batch after an out-of-memory error keeps the steps already trained
+TRAIN_MATH = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size",
+              "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "max_length",
+              "overlong", "train_sampling_strategy", "packing")
 
 def run_fingerprint(cfg: Config, paths: Paths) -> dict:
     "Everything a training result depends on (params, data, base) and a short id of it."
     base_dir = paths.root/"models"/"base"
     inputs = {
         "seed": cfg.seed,
-        "model": cfg.model.model_dump(),
+        "model": cfg.model.model_dump(exclude=set() if cfg.model.base == "tiny" else {"tiny"}),  # (the tiny shape: tiny only)
         "lora": cfg.lora.model_dump(),
-        "train": {k: v for k, v in cfg.train.model_dump().items() if k not in NOT_IN_FINGERPRINT},
+        "train": {k: getattr(cfg.train, k) for k in TRAIN_MATH},
+        "dtype": str(compute_dtype(cfg.train.precision)).removeprefix("torch."),  # `auto` resolved: a T4 trains in fp16, an A100 in bf16
         # without train.global_batch_size the rows per step grow with the processes: then their number is part of the recipe
         **({"processes": world_size()} if cfg.train.global_batch_size is None else {}),
         "data": {p: file_sha256(paths.final(p)) for p in ("train", "val")},
@@ -127,7 +132,7 @@ class CheckpointMarker(_trainer_callback_base()):
         # final log beside it (not in the marker's file list), so a rerun of the finished run reports the same numbers
         ck = Path(args.output_dir)/f"checkpoint-{state.global_step}"
         if not (state.is_world_process_zero and (ck/MARKER).exists()): return
-        (ck/FINAL_LOG).write_text(json.dumps(state.log_history))
+        write_json(ck/FINAL_LOG, state.log_history)  # atomic: a reader sees the whole log or none
         if self.dvclive_dir and Path(self.dvclive_dir).is_dir(): shutil.copytree(self.dvclive_dir, ck/FINAL_DVCLIVE, dirs_exist_ok=True)
 
 # %% ../nbs/05_train.ipynb #73b8ec7b
@@ -164,9 +169,10 @@ def training_rows(rows: list[dict], tok) -> list[dict]:
     "Rows in a TRL format whose loss covers only the assistant's reply, end-of-turn included, formatted for this template."
     kind = template_system(tok)
     msgs = [chat_messages(r["messages"], tok, kind) for r in rows]
-    if assistant_only(tok): return [{"messages": m} for m in msgs]
-    # no generation markers: prompt-completion, and TRL's completion-only loss (any chat template works)
-    return [{"prompt": m[:-1], "completion": m[-1:]} for m in msgs]
+    if assistant_only(tok): return [{"messages": m} for m in msgs]  # every assistant turn is inside the markers: all trained
+    # no generation markers: prompt-completion, and TRL's completion-only loss (any chat template works); a conversation
+    # with several assistant turns becomes one row per turn, each reply trained once after the conversation so far
+    return [{"prompt": m[:j], "completion": [t]} for m in msgs for j, t in enumerate(m) if t["role"] == "assistant"]
 
 def sft_config(cfg: Config, output_dir: Path, tok):
     "TRL `SFTConfig` from `train.*` (plus seed, precision and loss masking)."
@@ -244,7 +250,7 @@ def mask_preview(trainer, tok, n: int = 4) -> tuple[str, list[str]]:
         ids, lab = batch["input_ids"][i][keep].tolist(), batch["labels"][i][keep].tolist()
         trained = [l != -100 for l in lab]
         msgs = row["messages"] if "messages" in row else [*row["prompt"], *row["completion"]]
-        n_assistant = sum(m["role"] == "assistant" for m in msgs)
+        n_assistant = sum(m["role"] == "assistant" for m in (row["messages"] if "messages" in row else row["completion"]))  # trained turns
         if not any(trained): problems.append(f"row {i}: no token is trained (an empty loss mask)")
         elif sum(t == eos and tr for t, tr in zip(ids, trained)) < n_assistant:
             problems.append(f"row {i}: an assistant turn's end-of-turn token {tok.eos_token!r} is not trained (the model would not learn to stop)")
@@ -349,9 +355,13 @@ def train(cfg: Config, paths: Paths) -> dict:
         from transformers import TrainerState
         set_peft_model_state_dict(trainer.model, load_file(str(resume/"adapter_model.safetensors")))
         trainer.state = TrainerState.load_from_json(str(resume/"trainer_state.json"))
-        if (resume/FINAL_LOG).exists(): trainer.state.log_history = json.loads((resume/FINAL_LOG).read_text())
+        try: trainer.state.log_history = json.loads((resume/FINAL_LOG).read_text())
+        except (OSError, ValueError): pass  # none (or cut short by a full disk): the checkpoint's own log stands
         if main and (resume/FINAL_DVCLIVE).is_dir(): shutil.copytree(resume/FINAL_DVCLIVE, live_dir, dirs_exist_ok=True)
-        elif cfg.train.eval_strategy != "no": trainer.evaluate()  # a run from before the final log was kept
+        # evaluation turned on since the run ended (it is not in the fingerprint), or a run from before the final log was
+        # kept: evaluate now. Every rank decides from the same files, so under DDP all of them take part (evaluate is collective)
+        if cfg.train.eval_strategy != "no" and not any("eval_loss" in h and h.get("step") == trainer.state.global_step
+                                                       for h in trainer.state.log_history): trainer.evaluate()
         train_loss = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h),
                           None) or run_train_loss(trainer.state.log_history)
         if main: print(f"train: {resume.name} is the end of this run: nothing left to train", file=sys.stderr)
