@@ -6,7 +6,7 @@ Docs: https://llm-pipeline.github.io/llm-pipeline/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #f49b3cc0
 from __future__ import annotations
-import codecs, hashlib, json, multiprocessing, os, sys
+import codecs, hashlib, json, multiprocessing, os, re, sys
 from array import array
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -137,6 +137,8 @@ def decode_json_line(b: bytes) -> Any:
     return o if isinstance(o, dict) else Drop("not_an_object")
 
 # %% ../nbs/01_data.ipynb #3cf799f3
+_DELIM = re.compile(r"[\s,\]]")  # what may follow an item of an array
+
 class JsonArraySource(RowSource):
     """A `.json` file holding one array of objects, never read whole: one scan records where each item starts and ends
     (the file is decoded a block at a time), and items are decoded again on demand. An array cut short yields its complete
@@ -175,10 +177,13 @@ class JsonArraySource(RowSource):
         i += 1; pos += 1
         if skip_ws() == "]": return
         while True:
-            try: _, end = dec.raw_decode(buf, i)
+            try:
+                _, end = dec.raw_decode(buf, i)
+                # a number may go on in the next block ("-1.5" of "-1.5e10"): retry until a delimiter follows the item
+                if not eof and not _DELIM.search(buf, end) and more(): continue
             except ValueError as e:
                 # an item that runs past the block (or past the file, when it was cut off), or a real syntax error
-                if e.pos >= len(buf.rstrip()) - 1 or str(e).startswith("Unterminated string"):
+                if e.pos >= len(buf.rstrip()) - 16 or str(e).startswith("Unterminated string"):
                     if more(): continue
                     self.tail = (Drop("truncated"), f"bytes {pos}-")
                 else: self.tail = (Drop("invalid_json"), f"byte {pos + nbytes(i, e.pos)}")
