@@ -19,9 +19,9 @@ from .config import Config, ConfigError, parse_params, read_params
 __all__ = ['TASK_FILES', 'REQUIRED_SECRETS', 'SHAPES', 'WEIGHT_BYTES', 'OPTIM_BYTES', 'GIB', 'GPU_SPECS', 'CloudError', 'Launch',
            'set_dotted', 'params_with', 'params_env', 'task_config', 'secrets_from_env', 'public_url', 'repo_envs',
            'build_task', 'ModelShape', 'model_shape', 'lora_params', 'optim_kind', 'MemoryEstimate', 'estimate_memory',
-           'estimate_for', 'train_tokens', 'train_hours', 'gpu_options', 'write_fixture_catalog', 'optimize_offline',
-           'Backend', 'SkyBackend', 'RecordingBackend', 'LogFollower', 'pull_experiment', 'experiments',
-           'parse_overrides', 'ControlPanel']
+           'estimate_for', 'sharded_estimate', 'train_tokens', 'train_hours', 'gpu_options', 'write_fixture_catalog',
+           'optimize_offline', 'Backend', 'SkyBackend', 'RecordingBackend', 'LogFollower', 'pull_experiment',
+           'experiments', 'parse_overrides', 'ControlPanel']
 
 # %% ../nbs/11_cloud.ipynb #500020f1
 class CloudError(ValueError):
@@ -234,6 +234,15 @@ def estimate_for(cfg: Config, root: Path | None = None, dtype: str | None = None
     return estimate_memory(model_shape(cfg, root), cfg.model.quantization, l.r, l.target_modules, l.dropout,
                            l.modules_to_save, t.per_device_train_batch_size, t.max_length,
                            t.gradient_checkpointing, t.optim, dt)
+
+# %% ../nbs/11_cloud.ipynb #6b711681
+def sharded_estimate(est, n: int, shape) -> dict:
+    "Per-GPU bytes of `est` (a `MemoryEstimate`) under FSDP full sharding over `n` GPUs."
+    shard = ("frozen linear weights", "embeddings, head, norms", "trainable (weights, grads, optimizer)")
+    terms = {k: v / n if k in shard else v for k, v in est.terms.items()}
+    layer = est.terms["frozen linear weights"] / shape.layers
+    terms["one layer gathered (FSDP)"] = layer * (n - 1) / n
+    return MemoryEstimate(terms, est.overhead_gib, est.slack)
 
 # %% ../nbs/11_cloud.ipynb #d30b37ae
 # dense bf16/fp16 tensor-core peak (TFLOPS) and memory (GiB) from vendor datasheets, for the time estimate

@@ -12,7 +12,7 @@ from typing import Optional
 from .config import Config, ConfigError, TrainCfg
 
 # %% auto #0
-__all__ = ['world_size', 'grad_accumulation', 'processes_per_node', 'launch_command', 'sharded_estimate']
+__all__ = ['world_size', 'grad_accumulation', 'processes_per_node', 'launch_command']
 
 # %% ../nbs/12_distributed.ipynb #5d1328bb
 def world_size(env=None) -> int:
@@ -56,13 +56,3 @@ def launch_command(cfg: Config, argv: list[str], env=None, port: int = 29500) ->
     where = [] if nodes == 1 else [f"--machine_rank={rank}", f"--main_process_ip={head}", f"--main_process_port={port}"]
     return [sys.executable, "-m", "accelerate.commands.launch", *conf, f"--num_machines={nodes}",
             f"--num_processes={nodes * nproc}", *where, *target]
-
-# %% ../nbs/12_distributed.ipynb #6b711681
-def sharded_estimate(est, n: int, shape) -> dict:
-    "Per-GPU bytes of `est` (a `MemoryEstimate`) under FSDP full sharding over `n` GPUs."
-    from llm_pipeline.cloud import MemoryEstimate
-    shard = ("frozen linear weights", "embeddings, head, norms", "trainable (weights, grads, optimizer)")
-    terms = {k: v / n if k in shard else v for k, v in est.terms.items()}
-    layer = est.terms["frozen linear weights"] / shape.layers
-    terms["one layer gathered (FSDP)"] = layer * (n - 1) / n
-    return MemoryEstimate(terms, est.overhead_gib, est.slack)

@@ -10,7 +10,7 @@ import gc, json, math, re, time
 
 from .config import Config, Paths
 from .data import read_jsonl, write_json
-from .model import chat_messages, compute_dtype, load_base_model, template_system
+from .model import chat_messages, load_base_model, run_dtype, template_system
 
 # %% auto #0
 __all__ = ['eval_prompts', 'identity_kinds', 'mentions', 'names_model', 'identity_correct', 'stop_ids', 'generate',
@@ -160,7 +160,7 @@ def sanity_check(cfg: Config, paths: Paths) -> dict:
     val_rows = read_jsonl(paths.final("val"))
     val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), cfg.train.max_length, cfg.train.overlong)
     facts = read_jsonl(paths.resolve(cfg.eval.retention)) if cfg.eval.retention else []
-    dtype = compute_dtype(cfg.train.precision)
+    dtype = run_dtype(cfg)
     base = load_base_model(cfg, paths, quantization="none", dtype=dtype, tokenizer=tok)
     base_m, base_g = evaluate_model(base, tok, cfg, val_rows, facts)
     del base; gc.collect()

@@ -10,7 +10,7 @@ import json, shutil
 
 from .config import Config, Paths
 from .data import write_json
-from .model import BASE_FILE, compute_dtype, load_base_model, load_tokenizer
+from .model import BASE_FILE, load_base_model, load_tokenizer, run_dtype
 
 # %% auto #0
 __all__ = ['trained_base', 'merge_model']
@@ -29,7 +29,9 @@ def merge_model(cfg: Config, paths: Paths) -> dict:
     "Merge `models/adapter` into the full-precision base it was trained against; save model + tokenizer to `models/merged`."
     import torch
     from peft import PeftModel
-    dtype = compute_dtype(cfg.train.precision)
+    # on a CPU the merge is exact: fp32 holds the bf16 base as it was and the adapter's whole update (evaluation may then
+    # compute in bf16); a GPU merges in the run's dtype, where a second full-precision copy would not fit
+    dtype = run_dtype(cfg) if torch.cuda.is_available() else torch.float32
     base, tok = trained_base(cfg, paths, dtype)
     merged = PeftModel.from_pretrained(base, paths.adapter).merge_and_unload()
     out = paths.merged

@@ -17,8 +17,9 @@ from .data import write_json
 __all__ = ['PAD', 'BOS', 'EOT', 'ROLE_TOKENS', 'CHAT_TEMPLATE', 'TINY_CORPUS', 'BASE_FILE', 'EMBEDDED', 'NEUTRAL_SYSTEM',
            'corpus_texts', 'build_tiny_tokenizer', 'build_tiny_model', 'ModelError', 'is_tiny', 'file_sha256',
            'dir_fingerprint', 'base_descriptor', 'cache_dir', 'embedded_gguf', 'gguf_eos_token', 'convert_gguf',
-           'converted_base', 'build_base', 'auto_precision', 'compute_dtype', 'is_fsdp', 'quantization_config',
-           'base_source', 'ensure_pad_token', 'load_tokenizer', 'load_base_model', 'template_system', 'chat_messages']
+           'converted_base', 'build_base', 'auto_precision', 'native_cpu_bf16', 'compute_dtype', 'run_dtype', 'is_fsdp',
+           'quantization_config', 'base_source', 'ensure_pad_token', 'load_tokenizer', 'load_base_model',
+           'template_system', 'chat_messages']
 
 # %% ../nbs/04_model.ipynb #c0335eb3
 PAD, BOS, EOT = "<|pad|>", "<|bos|>", "<|eot|>"
@@ -216,17 +217,27 @@ def build_base(cfg: Config, paths: Paths) -> dict:
     return desc
 
 # %% ../nbs/04_model.ipynb #821d8804
-def auto_precision(capability: tuple[int, int] | None) -> str:
-    "What `precision: auto` means on a device of CUDA compute `capability` (None: no GPU)."
-    if capability is None: return "fp32"  # CPU: bf16 autocast is emulated there, and >10x slower
+def auto_precision(capability: tuple[int, int] | None, cpu_bf16: bool = False) -> str:
+    "What `precision: auto` means on a device of CUDA compute `capability` (None: the CPU; `cpu_bf16`: it computes bf16 natively)."
+    if capability is None: return "bf16" if cpu_bf16 else "fp32"  # an emulated bf16 is >10x slower than fp32
     # native bf16 from Ampere (8.0) on; `torch.cuda.is_bf16_supported()` also says yes on a T4 or V100, where it is emulated
     return "bf16" if tuple(capability) >= (8, 0) else "fp16"
 
-def compute_dtype(precision: str = "auto"):
-    "The torch dtype of `train.precision`: `auto` is bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on a CPU."
+def native_cpu_bf16() -> bool:
+    "Does this CPU compute bf16 in hardware (AVX-512-bf16 or AMX)?"
     import torch
-    if precision == "auto": precision = auto_precision(torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
+    try: return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError: return False  # a torch without the probes: assume not
+
+def compute_dtype(precision: str = "auto", cpu_bf16: bool = False):
+    "The torch dtype of `train.precision`: `auto` is bf16 on GPUs with native bf16, fp16 on older GPUs; on a CPU bf16 if `cpu_bf16`, else fp32."
+    import torch
+    if precision == "auto": precision = auto_precision(torch.cuda.get_device_capability() if torch.cuda.is_available() else None, cpu_bf16)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+def run_dtype(cfg: Config):
+    "The dtype a run computes in: `train.precision`, with `auto` resolved for this device and base (bf16 on a native-bf16 CPU for a real base, never for `tiny`)."
+    return compute_dtype(cfg.train.precision, cpu_bf16=cfg.model.base != "tiny" and native_cpu_bf16())
 
 def is_fsdp() -> bool:
     "Whether this process was started by `accelerate launch` with an FSDP config (it sets `ACCELERATE_USE_FSDP`)."
@@ -271,7 +282,7 @@ def load_base_model(cfg: Config, paths: Paths, quantization: str | None = None, 
     from transformers import AutoModelForCausalLM
     src, kw = base_source(cfg, paths)
     q = cfg.model.quantization if quantization is None else quantization
-    dtype = dtype or compute_dtype(cfg.train.precision)
+    dtype = dtype or run_dtype(cfg)
     # one process per GPU: each loads onto its own GPU (LOCAL_RANK); under FSDP, accelerate places and shards the weights
     device_map = None if is_fsdp() else {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, quantization_config=quantization_config(q, dtype),

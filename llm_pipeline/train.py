@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import Config, Paths
 from .distributed import grad_accumulation, world_size
 from .data import read_jsonl, write_json
-from .model import (BASE_FILE, ModelError, chat_messages, compute_dtype, file_sha256, is_fsdp, load_base_model,
+from .model import (BASE_FILE, ModelError, chat_messages, file_sha256, is_fsdp, load_base_model, run_dtype,
                                  load_tokenizer, template_system)
 
 # %% auto #0
@@ -20,7 +20,7 @@ __all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'TRAIN_MATH', 'run_fingerprin
            'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume', 'CheckpointMarker',
            'global_step_dvclive_callback', 'use_dvclive', 'assistant_only', 'training_rows', 'sft_config',
            'lora_config', 'compact_lm_head', 'token_lengths', 'fit_length', 'mask_preview', 'check_mask', 'plot_losses',
-           'run_train_loss', 'finished', 'train']
+           'run_train_loss', 'same_run', 'finished', 'train']
 
 # %% ../nbs/05_train.ipynb #a35e9757
 MARKER = "llm_pipeline_complete.json"
@@ -41,7 +41,7 @@ def run_fingerprint(cfg: Config, paths: Paths) -> dict:
         "model": cfg.model.model_dump(exclude=set() if cfg.model.base == "tiny" else {"tiny"}),  # (the tiny shape: tiny only)
         "lora": cfg.lora.model_dump(),
         "train": {k: getattr(cfg.train, k) for k in TRAIN_MATH},
-        "dtype": str(compute_dtype(cfg.train.precision)).removeprefix("torch."),  # `auto` resolved: a T4 trains in fp16, an A100 in bf16
+        "dtype": str(run_dtype(cfg)).removeprefix("torch."),  # `auto` resolved: a T4 trains in fp16, an A100 in bf16
         # without train.global_batch_size the rows per step grow with the processes: then their number is part of the recipe
         **({"processes": world_size()} if cfg.train.global_batch_size is None else {}),
         "data": {p: file_sha256(paths.final(p)) for p in ("train", "val")},
@@ -179,7 +179,7 @@ def sft_config(cfg: Config, output_dir: Path, tok):
     import torch
     from trl import SFTConfig
     t = cfg.train
-    dtype = compute_dtype(t.precision)
+    dtype = run_dtype(cfg)
     keys = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
             "max_grad_norm", "optim", "max_length", "train_sampling_strategy", "packing", "eval_strategy", "eval_steps", "save_steps",
             "save_total_limit", "logging_steps", "gradient_checkpointing")
@@ -294,6 +294,12 @@ def run_train_loss(log_history: list[dict]) -> float | None:
         if "loss" in h: total += h["loss"] * (h["step"] - prev); steps += h["step"] - prev; prev = h["step"]
     return total / steps if steps else None
 
+def same_run(ids: list[str]) -> None:
+    "Fail in one line when the processes of one run computed different fingerprints (`ids`, by rank)."
+    if len(set(ids)) > 1:
+        raise ModelError(f"train: the processes have different inputs (fingerprint by rank: {', '.join(ids)}); every node "
+                         "needs the same data/final, models/base and params: rerun the data stages and build_base there")
+
 def finished(checkpoint: Path) -> bool:
     "Whether `checkpoint` is the last step of its run (its trainer state reached `max_steps`)."
     st = json.loads((checkpoint/"trainer_state.json").read_text())
@@ -317,6 +323,9 @@ def train(cfg: Config, paths: Paths) -> dict:
     if main: write_json(paths.root/"reports"/"train"/"config.json", cfg.model_dump())  # the effective config: recipe, preset, params
     if args.world_size > 1:  # the process group exists now; every rank resumes what rank 0 decided
         import torch.distributed as dist
+        ids = [None] * args.world_size
+        dist.all_gather_object(ids, fp["id"])  # each node hashed its own copy of the data and base: they must agree
+        same_run(ids)  # (every rank sees the same list, so all of them stop here: no rank waits for another)
         decision = [plan_resume(root, fp) if main else None]
         dist.broadcast_object_list(decision, src=0)
         resume = decision[0]
@@ -338,8 +347,8 @@ def train(cfg: Config, paths: Paths) -> dict:
                          eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
                          processing_class=tok, peft_config=lora_config(cfg))
     check_mask(trainer, tok, paths.root/"reports"/"train"/"mask_preview.md" if main else None)
-    if cfg.model.quantization != "none" and compute_dtype(cfg.train.precision) == torch.float32:
-        # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); where compute is fp32 (a CPU) keep them fp32: 2.6x faster
+    if cfg.model.quantization != "none" and args.device.type == "cpu":
+        # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); on a CPU keep them fp32: 2.6x faster where compute is fp32
         for p in trainer.model.parameters():
             if p.requires_grad: p.data = p.data.float()
     use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume) if main else None)
