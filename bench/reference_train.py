@@ -1,4 +1,4 @@
-"""The 2023 reference trainer configuration, on our tiny base and data: the "reference" side of the CPU training benchmark.
+"""The 2023 reference trainer configuration, on our base (tiny or the embedded SmolLM2) and data: the "reference" side of the CPU training benchmark.
 
     python bench/train_side.py reference RUN_DIR OUT.json      # (how bench/run.py runs it, instrumented)
 
@@ -9,8 +9,9 @@ A standalone TRL `SFTTrainer` script, because two parts of the reference configu
 Shared with our `train` stage (from the same `params.yaml`, so both sides differ only where the reference did):
 the base model and tokenizer files, the training rows (the same over-long rows dropped: `fit_length`), the chat
 template (the same token sequences), LoRA (r, alpha, dropout, targets, modules_to_save), learning rate, schedule,
-warmup, weight decay, grad clipping, optimizer, epochs / max_steps, max_length, precision (fp32 on a CPU; TRL 1.x
-would otherwise default to bf16 autocast), seed, checkpoint every `train.save_steps`, dvclive logging.
+warmup, weight decay, grad clipping, optimizer, epochs / max_steps, max_length, precision (`run_dtype`, as ours: bf16
+for a real base on a CPU with native bf16, fp32 for `tiny`; TRL 1.x would otherwise default to bf16 autocast over fp32
+weights, 3x slower here), seed, checkpoint every `train.save_steps`, dvclive logging.
 
 The reference's own settings (its params.yaml and train.py, github.com/alex000kim/ML-Pipeline-With-DVC-SkyPilot-HuggingFace):
 - per_device_train_batch_size 8 (eval batch: the transformers default, 8);
@@ -51,7 +52,7 @@ def main(run_dir: str | Path) -> dict:
     from trl import SFTConfig, SFTTrainer
     from llm_pipeline.config import Paths, load_params
     from llm_pipeline.data import read_jsonl
-    from llm_pipeline.model import compute_dtype
+    from llm_pipeline.model import run_dtype
     from llm_pipeline.train import fit_length, global_step_dvclive_callback, lora_config, token_lengths, use_dvclive
     run_dir = Path(run_dir).resolve()
     cfg, paths = load_params(run_dir/"params.yaml"), Paths(run_dir)
@@ -62,12 +63,12 @@ def main(run_dir: str | Path) -> dict:
     train_rows, rep = fit_length(read_jsonl(paths.final("train")), token_lengths(read_jsonl(paths.final("train")), tok), t.max_length, t.overlong)
     val_rows, _ = fit_length(read_jsonl(paths.final("val")), token_lengths(read_jsonl(paths.final("val")), tok), t.max_length, t.overlong)
     tok.pad_token = tok.eos_token  # the reference: pad = EOS
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=compute_dtype(t.precision), device_map={"": "cpu"})
+    dtype = run_dtype(cfg)  # as ours: so the comparison is of the recipes, not of the precision
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map={"": "cpu"})
     model.config.use_cache = False
     shared = {k: getattr(t, k) for k in ("num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps",
                                          "weight_decay", "max_grad_norm", "optim", "max_length", "save_steps", "logging_steps",
                                          "gradient_checkpointing")}
-    dtype = compute_dtype(t.precision)  # as ours (fp32 on a CPU); TRL's own default would be bf16 autocast, 3x slower here
     args = SFTConfig(output_dir=str(run_dir/"checkpoints"), **shared, **REFERENCE, save_strategy="steps", save_total_limit=1,
                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
                      seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, report_to=["dvclive"], logging_first_step=True,

@@ -20,6 +20,8 @@ Sections:
   whole process's wall time ("stage wall"), peak RSS, and the val loss of each adapter measured the same way afterwards
   (assistant tokens of data/final/val.jsonl). Rep i trains every side with seed + i (`--same-seed`: all with the
   params seed), so the medians are over seeds. `--variants` adds rows for "before" variants and params alternatives.
+  `--train-base smollm2-135m`: the same on the embedded real model with its own recipe, plus each adapter's held-out
+  identity, leak, stop rate and retention (bench/train_side.py held-out), against the real-model targets.
 - overhead: a no-op `dvc repro` of a copy of the project (reproduced once, with a 5-step training) vs DVC's own floor
   (as many `echo` stages chained by deps); then, for one key of every params section, the stages `dvc status` marks
   changed and the ones `dvc repro` would rerun (with their downstream), checked against the rule "data params never
@@ -37,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # llm_pipeline from this checkout
 from llm_pipeline.cloud import set_dotted
-from llm_pipeline.config import deep_merge
+from llm_pipeline.config import deep_merge, parse_params
 from llm_pipeline.testing import dvc, dvc_env, tiny_raw
 BENCH = ROOT/"bench"
 CACHE = BENCH/".cache"
@@ -244,14 +246,17 @@ def bench_json(mb: int, subset: int, reps: int) -> list[dict]:
 TRAIN_SIDES = {"ours": ("ours", {}), "reference": ("reference", {})}
 # `--variants KEY,...` adds them to the training section: the "before" of an improvement, or a params alternative.
 TRAIN_VARIANTS = {"full-head": ("ours, every position to the LM head", "ours-full-head", {}),  # before compact_lm_head
-                  "packing": ("ours + packing", "ours", {"train": {"packing": True}})}
+                  "packing": ("ours + packing", "ours", {"train": {"packing": True}}),
+                  "fp32": ("ours in fp32", "ours", {"train": {"precision": "fp32"}})}  # before bf16 on a native-bf16 CPU (real base)
+TRAIN_BASES = ("tiny", "smollm2-135m")  # --train-base: the random toy, or the embedded real model (held-out metrics too)
 
 
-def prepare_train_project(d: Path) -> float:
-    "data stages + build_base of the real pipeline (our params.yaml with model.base: tiny, bundled samples) in `d`; returns the seconds it took."
+def prepare_train_project(d: Path, base: str = "tiny") -> float:
+    "data stages + build_base of the real pipeline (our params.yaml with `model.base: base`, bundled samples) in `d`; returns the seconds it took."
     import yaml
     d.mkdir(parents=True)
-    (d/"params.yaml").write_text(yaml.safe_dump(tiny_raw(), sort_keys=False))  # this section measures the tiny recipe
+    raw = tiny_raw() if base == "tiny" else deep_merge(yaml.safe_load((ROOT/"params.yaml").read_text()), {"model": {"base": base}})
+    (d/"params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))  # the recipe of `base`, as the main job runs it
     shutil.copytree(ROOT/"data"/"samples", d/"data"/"samples")
     code = ("import sys; from pathlib import Path; from llm_pipeline.config import Paths, load_params; "
             "from llm_pipeline.cli import run_pipeline; p = Path(sys.argv[1]); "
@@ -271,13 +276,23 @@ def make_run(base: Path, run: Path, overrides: dict) -> Path:
     return run
 
 
-def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path, same_seed: bool = False) -> tuple[list[dict], dict]:
+HELD_OUT = [("identity accuracy", "identity_accuracy", 3, 1), ("name leak rate", "name_leak_rate", 3, -1),
+            ("end-of-turn stop rate", "eos_stop_rate", 3, 1), ("retention", "retention", 3, 1)]  # (label, key, digits, better: +1 higher)
+
+
+def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path, same_seed: bool = False,
+                train_base: str = "tiny") -> tuple[list[dict], dict]:
     import yaml
     base = tmp/"base"
-    prep_s = prepare_train_project(base)
+    prep_s = prepare_train_project(base, train_base)
+    real = train_base != "tiny"
+    if real:  # the base's own held-out answers, once: each adapter's retention is measured against them
+        measure_argv([PY, BENCH/"train_side.py", "eval-base", base, base/"base_eval.json"])
+        base_eval = json.loads((base/"base_eval.json").read_text())
+        print(f"  base held-out: {({k: base_eval[k] for k in ('identity_accuracy', 'name_leak_rate', 'eos_stop_rate', 'fact_accuracy')})}", flush=True)
     over = {"train": {"num_train_epochs": 0.5}} if quick else {}  # quick: half an epoch (about the same rows)
     params = deep_merge(yaml.safe_load((base/"params.yaml").read_text()), over)
-    epochs = params["train"]["num_train_epochs"]
+    epochs = parse_params(params).train.num_train_epochs  # (the base's recipe fills what params.yaml leaves out)
     # rep i trains every side with seed + i (LoRA init and batch order; the data, built once, stay the same), so the
     # val-loss medians are over seeds: one seed's val loss moves by more than the sides differ
     seeds = [params["seed"] + (0 if same_seed else rep) for rep in range(reps)]
@@ -290,23 +305,29 @@ def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path, same_see
             st = {**json.loads((rd/"stats.json").read_text()), "seed": seed, "stage_wall_s": wall, "peak_rss_mb": rss}
             measure_argv([PY, BENCH/"train_side.py", "val-loss", rd, rd/"val.json"])  # afterwards, not timed
             st.update(json.loads((rd/"val.json").read_text()))
+            if real:  # identity, leaks, stop, retention: what sanity_check reports, by the same code for every side
+                measure_argv([PY, BENCH/"train_side.py", "held-out", rd, rd/"held_out.json", base/"base_eval.json"])
+                st.update({k: v for k, v in json.loads((rd/"held_out.json").read_text()).items() if k != "facts_correct"})
             st["tokens_per_s"] = st["tokens"] / st["train_s"]
             runs[name].append(st)
             shutil.rmtree(rd/"checkpoints", ignore_errors=True)
             print(f"  train {name} rep {rep + 1}/{reps} (seed {seed}): {st['tokens_per_s']:.0f} tok/s, train() {st['train_s']:.1f} s "
-                  f"(eval {st['eval_s']:.1f} s), stage {wall:.1f} s, val loss {st['val_loss']:.4f}", flush=True)
+                  f"(eval {st['eval_s']:.1f} s), stage {wall:.1f} s, val loss {st['val_loss']:.4f}"
+                  + (f", identity {st['identity_accuracy']}, leak {st['name_leak_rate']}, stop {st['eos_stop_rate']}, "
+                     f"retention {st['retention']}" if real else ""), flush=True)
     med = lambda s, k: statistics.median(r[k] for r in runs[s])
-    what = f"train tiny, {epochs:g} ep"
+    what, section = f"train {train_base}, {epochs:g} ep", "train" if train_base == "tiny" else f"train-{train_base}"
     figures = [("non-pad tokens/s in Trainer.train()", "tokens_per_s", 1), ("Trainer.train() wall s", "train_s", 1),
                ("of which evaluation s", "eval_s", 1), ("stage wall s (whole process)", "stage_wall_s", 1),
                ("peak RSS MB", "peak_rss_mb", 0), ("val loss, assistant tokens", "val_loss", 4),
-               ("val loss, assistant tokens but end-of-turn", "val_loss_excl_eos", 4)]
+               ("val loss, assistant tokens but end-of-turn", "val_loss_excl_eos", 4)] + ([h[:3] for h in HELD_OUT] if real else [])
     out = []
     for s in sides:
         if s == "reference": continue
         tag = "" if s == "ours" else f" [{s}]"
-        out += [row("train", f"{what}: {label}{tag}", med(s, k), med("reference", k), d) for label, k, d in figures]
+        out += [row(section, f"{what}: {label}{tag}", med(s, k), med("reference", k), d) for label, k, d in figures]
     tput = med("ours", "tokens_per_s") / med("reference", "tokens_per_s")
+    wall = med("ours", "stage_wall_s") / med("reference", "stage_wall_s")
     # the same seed on both sides: ours - reference per seed (negative: ours better)
     diffs = [round(o["val_loss"] - r["val_loss"], 4) for o, r in zip(runs["ours"], runs["reference"])]
     target = {"throughput_ratio": round(tput, 3), "throughput_2x": tput >= 2,
@@ -314,11 +335,19 @@ def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path, same_see
               "val_loss_ours_minus_reference_per_seed": dict(zip(map(str, seeds), diffs)),
               "val_loss_ours_better_or_equal_seeds": sum(d <= 0 for d in diffs),
               "same_tokens": {s: [r["tokens"] for r in runs[s]] for s in sides}}
+    if real:  # the real-model targets: stage wall <= 0.5x, tokens/s >= 1.5x, every held-out metric (medians) equal or better
+        held = {k: (med("ours", k) - med("reference", k)) * better >= 0 for _, k, _, better in HELD_OUT + [("", "val_loss", 4, -1)]}
+        target.update(stage_wall_ratio=round(wall, 3), stage_wall_half=wall <= 0.5, throughput_1_5x=tput >= 1.5,
+                      held_out_equal_or_better=held)
+        print(f"  real-base targets: stage wall {wall:.2f}x ({'met' if wall <= 0.5 else 'NOT met'}, <= 0.5x), tokens/s {tput:.2f}x "
+              f"({'met' if tput >= 1.5 else 'NOT met'}, >= 1.5x), held-out equal or better: "
+              + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in held.items()), flush=True)
     print(f"  train target (>= 2x reference tokens/s at equal or better val loss): throughput {tput:.2f}x "
           f"({'met' if target['throughput_2x'] else 'NOT met'}), val loss median {med('ours', 'val_loss'):.4f} vs "
           f"{med('reference', 'val_loss'):.4f} ({'met' if target['val_loss_equal_or_better'] else 'NOT met'}; "
           f"ours minus reference per seed: {', '.join(f'{s}: {d:+.4f}' for s, d in zip(seeds, diffs))})", flush=True)
-    return out, {"epochs": epochs, "seeds": seeds, "prepare_s": round(prep_s, 1),
+    return out, {"base": train_base, "epochs": epochs, "seeds": seeds, "prepare_s": round(prep_s, 1),
+                 **({"base_held_out": {k: v for k, v in base_eval.items() if k != "facts_correct"}} if real else {}),
                  "overrides": {s: deep_merge(over, ov) for s, (_, ov) in sides.items()}, "target": target, "runs": runs}
 
 
@@ -497,6 +526,8 @@ def main():
     ap.add_argument("--overhead-reps", type=int, default=None, help="no-op dvc repro runs per side (default 5)")
     ap.add_argument("--variants", default="", help="comma-separated training variants to add: " + ", ".join(
         f"{k} ({v[0]})" for k, v in TRAIN_VARIANTS.items()) + "; packing is slow on a CPU (about 4x ours)")
+    ap.add_argument("--train-base", default="tiny", choices=TRAIN_BASES, help="the train section's base: tiny (default) or the "
+                    "embedded SmolLM2 with its own recipe (adds held-out identity, leak, stop and retention; about 14 min a rep)")
     ap.add_argument("--same-seed", action="store_true", help="every training rep with params.yaml's seed (default: rep i uses seed + i)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects (their path is printed)")
     a = ap.parse_args()
@@ -518,7 +549,8 @@ def main():
             if section == "data": rows += bench_data(n_rows, reps)
             elif section == "json": rows += bench_json(a.json_mb or (50 if q else 500), a.json_subset, reps)
             elif section == "train":
-                r, extra["training"] = bench_train(train_reps, q, variants, tmp/"train", a.same_seed); rows += r
+                r, extra["training" if a.train_base == "tiny" else f"training_{a.train_base}"] = bench_train(
+                    train_reps, q, variants, tmp/"train", a.same_seed, a.train_base); rows += r
             elif section == "overhead":
                 r, extra["params_sensitivity"], extra["overhead"] = bench_overhead(overhead_reps, tmp/"overhead"); rows += r
             elif section == "gpu":
@@ -532,9 +564,10 @@ def main():
     if "params_sensitivity" in extra: print_sensitivity(extra["params_sensitivity"])
     res = BENCH/"results"/f"{date.today()}-{platform.node() or 'machine'}{'-quick' if q else ''}.json"
     old = json.loads(res.read_text()) if res.exists() else {}
-    keep = [r for r in old.get("results", []) if r.get("section", "data") not in only]  # a run with --only replaces its sections
+    replaced = [f"train-{a.train_base}" if s == "train" and a.train_base != "tiny" else s for s in only]
+    keep = [r for r in old.get("results", []) if r.get("section", "data") not in replaced]  # a run with --only replaces its sections
     settings = {"quick": q, "reps": reps, "rows": n_rows, "json_mb": a.json_mb or (50 if q else 500), "json_subset": a.json_subset, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": variants,
-                "same_seed": a.same_seed}
+                "same_seed": a.same_seed, "train_base": a.train_base}
     doc = {**{k: v for k, v in old.items() if k not in ("results",)},
            "date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
            "settings": {**old.get("settings", {}), **{s: settings for s in only}},

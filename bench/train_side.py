@@ -4,6 +4,8 @@
     python bench/train_side.py ours-full-head RUN_DIR OUT.json   # the same without `compact_lm_head` (the "before" of that change)
     python bench/train_side.py reference RUN_DIR OUT.json   # bench/reference_train.py: the 2023 trainer configuration
     python bench/train_side.py val-loss RUN_DIR OUT.json    # the adapter in RUN_DIR/models/adapter, measured on data/final/val.jsonl
+    python bench/train_side.py eval-base RUN_DIR OUT.json   # a real base's held-out metrics, as `sanity_check` measures them
+    python bench/train_side.py held-out RUN_DIR OUT.json BASE.json   # the adapter's, with retention against BASE.json's
 
 Both training sides run with the same instrumentation of transformers' `Trainer`, written to OUT.json:
 - `train_s`: wall time of `Trainer.train()` (model loading and dataset tokenization happen before it; evaluations
@@ -92,10 +94,35 @@ def val_loss_of(run_dir: Path) -> dict:
             "eos_tokens": acc["eos_n"], "other_tokens": acc["other_n"]}
 
 
+def held_out(run_dir: Path, adapter: bool = True, base_eval: Path | None = None) -> dict:
+    """Identity, name leaks, stop rate and facts of the base (`adapter=False`) or of RUN_DIR's adapter merged into it,
+    by `llm_pipeline.evaluate.evaluate_model` on the rows `sanity_check` uses; with `base_eval`, retention against it."""
+    from peft import PeftModel
+    from llm_pipeline.config import Paths, load_params
+    from llm_pipeline.data import read_jsonl
+    from llm_pipeline.evaluate import evaluate_model, retention
+    from llm_pipeline.model import load_base_model, load_tokenizer
+    from llm_pipeline.train import fit_length, token_lengths
+    cfg, paths = load_params(run_dir/"params.yaml"), Paths(run_dir)
+    tok = load_tokenizer(cfg, paths)
+    model = load_base_model(cfg, paths, quantization="none", tokenizer=tok)
+    if adapter: model = PeftModel.from_pretrained(model, paths.adapter).merge_and_unload()
+    rows = read_jsonl(paths.final("val"))
+    rows, _ = fit_length(rows, token_lengths(rows, tok), cfg.train.max_length, cfg.train.overlong)
+    facts = read_jsonl(paths.resolve(cfg.eval.retention)) if cfg.eval.retention else []
+    metrics, gens = evaluate_model(model.eval(), tok, cfg, rows, facts)
+    metrics["facts_correct"] = gens["facts_correct"]
+    if base_eval is not None: metrics["retention"] = retention(json.loads(base_eval.read_text())["facts_correct"], gens["facts_correct"])
+    return metrics
+
+
 def main(argv: list[str]) -> None:
     side, run_dir, out = argv[0], Path(argv[1]).resolve(), Path(argv[2])
     if side == "val-loss":
         out.write_text(json.dumps(val_loss_of(run_dir)))
+        return
+    if side in ("eval-base", "held-out"):
+        out.write_text(json.dumps(held_out(run_dir, side == "held-out", Path(argv[3]) if len(argv) > 3 else None)))
         return
     stats: dict = {}
     instrument(stats)
@@ -112,7 +139,7 @@ def main(argv: list[str]) -> None:
         sys.path.insert(0, str(BENCH))
         import reference_train
         stats.update(reference_train.main(run_dir))
-    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | reference | val-loss")
+    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | reference | val-loss | eval-base | held-out")
     out.write_text(json.dumps(stats))
 
 

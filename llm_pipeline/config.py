@@ -162,6 +162,7 @@ class TrainCfg(Section):
     launcher: Literal["none", "torchrun", "accelerate"] = "none"  # how `train` starts one process per GPU
     num_processes: Union[int, Literal["auto"]] = 1  # processes per node; auto: one per GPU
     accelerate_config: Optional[str] = None  # accelerate only: e.g. configs/accelerate/fsdp_qlora.yaml
+    resume_other_versions: bool = False  # resume a checkpoint written under other torch / transformers / trl / peft / bitsandbytes / accelerate versions
 
     @model_validator(mode="after")
     def _consistent(self):

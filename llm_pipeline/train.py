@@ -16,11 +16,11 @@ from .model import (BASE_FILE, ModelError, chat_messages, file_sha256, is_fsdp, 
                                  load_tokenizer, template_system)
 
 # %% auto #0
-__all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'TRAIN_MATH', 'run_fingerprint', 'fingerprint_diff', 'checkpoint_step',
-           'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'plan_resume', 'CheckpointMarker',
-           'global_step_dvclive_callback', 'use_dvclive', 'assistant_only', 'training_rows', 'sft_config',
-           'lora_config', 'compact_lm_head', 'token_lengths', 'fit_length', 'mask_preview', 'check_mask', 'plot_losses',
-           'run_train_loss', 'same_run', 'finished', 'train']
+__all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'TRAIN_MATH', 'LIBRARIES', 'run_fingerprint', 'fingerprint_diff',
+           'checkpoint_step', 'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'library_versions',
+           'plan_resume', 'CheckpointMarker', 'global_step_dvclive_callback', 'use_dvclive', 'assistant_only',
+           'training_rows', 'sft_config', 'lora_config', 'compact_lm_head', 'token_lengths', 'fit_length',
+           'mask_preview', 'check_mask', 'plot_losses', 'run_train_loss', 'same_run', 'finished', 'train']
 
 # %% ../nbs/05_train.ipynb #a35e9757
 MARKER = "llm_pipeline_complete.json"
@@ -90,7 +90,18 @@ def other_runs(root: Path, fp: dict) -> list[str]:
         lines.append(f"{d.name} (step {checkpoint_step(done[-1])}) differs in {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}")
     return lines
 
-def plan_resume(root: Path, fp: dict, log=print) -> Path | None:
+LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate")  # a checkpoint records them: they shape the math
+
+def library_versions() -> dict:
+    "The installed version of each library in `LIBRARIES` (None where it is not installed)."
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in LIBRARIES:
+        try: out[name] = version(name)
+        except PackageNotFoundError: out[name] = None
+    return out
+
+def plan_resume(root: Path, fp: dict, log=print, other_versions_ok: bool = False) -> Path | None:
     "Clean incomplete checkpoints of this run and return its latest complete one, saying what it decided and why."
     run_dir = Path(root)/f"run-{fp['id']}"
     done, partial = scan_checkpoints(run_dir)
@@ -100,6 +111,12 @@ def plan_resume(root: Path, fp: dict, log=print) -> Path | None:
     if done:
         mark = json.loads((done[-1]/MARKER).read_text())
         if mark["fingerprint"] == fp:
+            theirs, ours = mark.get("versions") or {}, library_versions()  # (a marker from before versions were recorded: none)
+            diff = [f"{k} {theirs[k]} -> {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+            if diff and not other_versions_ok:
+                raise ModelError(f"train: {done[-1]} was written under other library versions ({', '.join(diff)}): install the "
+                                 "versions it recorded, or set train.resume_other_versions: true to resume anyway")
+            if diff: log(f"train: resuming under other library versions ({', '.join(diff)}), as train.resume_other_versions allows")
             log(f"train: resuming from {done[-1]} (step {checkpoint_step(done[-1])}, fingerprint {fp['id']} matches)")
             return done[-1]
         log(f"train: {done[-1]} has another fingerprint; starting fresh")  # only if a marker was edited by hand
@@ -124,7 +141,7 @@ class CheckpointMarker(_trainer_callback_base()):
             shutil.copytree(self.dvclive_dir, ck/"dvclive", dirs_exist_ok=True)
         tmp = ck/f".{MARKER}.tmp"
         # the file list lets a reader tell a complete checkpoint from one whose files a bucket mount has not finished uploading
-        tmp.write_text(json.dumps({"step": state.global_step, "fingerprint": self.fp, "time": time.time(),
+        tmp.write_text(json.dumps({"step": state.global_step, "fingerprint": self.fp, "time": time.time(), "versions": library_versions(),
                                    "files": checkpoint_files(ck)}, indent=1))
         os.replace(tmp, ck/MARKER)
     def on_train_end(self, args, state, control, **kwargs):
@@ -326,10 +343,12 @@ def train(cfg: Config, paths: Paths) -> dict:
         ids = [None] * args.world_size
         dist.all_gather_object(ids, fp["id"])  # each node hashed its own copy of the data and base: they must agree
         same_run(ids)  # (every rank sees the same list, so all of them stop here: no rank waits for another)
-        decision = [plan_resume(root, fp) if main else None]
+        try: decision = [plan_resume(root, fp, other_versions_ok=cfg.train.resume_other_versions) if main else None]
+        except ModelError as e: decision = [e]  # every rank stops with rank 0's reason, none waits for it
         dist.broadcast_object_list(decision, src=0)
+        if isinstance(decision[0], Exception): raise decision[0]
         resume = decision[0]
-    else: resume = plan_resume(root, fp)
+    else: resume = plan_resume(root, fp, other_versions_ok=cfg.train.resume_other_versions)
     train_rows, val_rows = read_jsonl(paths.final("train")), read_jsonl(paths.final("val"))
     train_rows, lengths = fit_length(train_rows, token_lengths(train_rows, tok), cfg.train.max_length, cfg.train.overlong)
     val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), cfg.train.max_length, cfg.train.overlong)
