@@ -23,7 +23,7 @@ says which batch ran and that the asked one was OOM.
 Figures per (side, sequence length):
 - tokens/s: batch x seq x timed steps / their wall time (forward, backward, optimizer step; synchronised).
 - peak GB: `torch.cuda.max_memory_allocated` over warmup and timed steps (weights included).
-- MFU: model FLOPs/s over the GPU's peak dense bf16 FLOPs (`PEAK_BF16_TFLOPS`; unknown GPU: None). Model FLOPs per
+- MFU: model FLOPs/s over the GPU's peak dense bf16 FLOPs (`llm_pipeline.estimate.GPU_SPECS`; unknown GPU: None). Model FLOPs per
   token = 4 * N_frozen (forward 2N + input-gradient 2N; no weight gradients for the frozen 4-bit base and head)
   + 6 * N_lora (trainable adapters: forward, input and weight gradients) + 12 * L * d * s (attention scores and
   values, forward + backward, PaLM's convention, not halved for causal masking). Gradient-checkpointing recompute
@@ -44,14 +44,15 @@ SIDES = {
     "reference": dict(double_quant=False, compute_dtype="float16", r=64, alpha=16, dropout=0.1, targets=["q_proj", "v_proj"],
                       adapter_dtype="float32", grad_ckpt=False, attn="eager", batch=8),
 }
-PEAK_BF16_TFLOPS = [  # dense (no sparsity), by substring of torch.cuda.get_device_name(); first match wins
-    ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250),
-    ("A100", 312), ("A10G", 125), ("A10", 125), ("L40S", 362), ("L4", 121), ("RTX 4090", 165), ("V100", None),
-]
-
-
 def peak_tflops(name: str) -> float | None:
-    return next((t for k, t in PEAK_BF16_TFLOPS if k in name), None)
+    "Dense bf16 peak of a CUDA device name, from the estimate's one table of GPUs (`llm_pipeline.estimate.GPU_SPECS`)."
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    try: from llm_pipeline.estimate import gpu_spec  # (pydantic and PyYAML: the project's own light dependencies)
+    except ImportError as e:
+        print(f"bench/gpu.py: no MFU ({e}: install the project's dependencies, or carry pydantic and pyyaml)", file=sys.stderr)
+        return None
+    spec = gpu_spec(name)
+    return spec[0] if spec else None
 
 
 def build_model(shape: str, side: dict, device):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # llm_pipeline from this checkout
-from llm_pipeline.cloud import set_dotted
+from llm_pipeline.tasks import set_dotted
 from llm_pipeline.config import deep_merge, parse_params
 from llm_pipeline.testing import dvc, dvc_env, tiny_raw
 BENCH = ROOT/"bench"

@@ -53,6 +53,8 @@ def run_stage(name: str, cfg, paths: Paths, **kw):
     mod, fn = STAGES[name]
     return getattr(importlib.import_module(mod), fn)(cfg, paths, **kw)
 
+
+# %% ../nbs/09_cli.ipynb #85dddb63
 def run_pipeline(cfg, paths: Paths, until: str = "sanity-check") -> dict:
     "Run the stages in DAG order up to `until`, in-process: what `dvc repro` runs, without DVC (for notebooks and tests)."
     if until not in PIPELINE: raise ValueError(f"until must be one of {', '.join(PIPELINE)}; got {until!r}")
@@ -65,6 +67,8 @@ def run_pipeline(cfg, paths: Paths, until: str = "sanity-check") -> dict:
         if name == until: break
     return results
 
+
+# %% ../nbs/09_cli.ipynb #385dbebc
 def scratch_project(root: str | Path = ".", dest: str | Path | None = None) -> Paths:
     "A throwaway project directory whose `data/samples` links to `root`'s: try params without touching the repo."
     import tempfile
@@ -72,6 +76,7 @@ def scratch_project(root: str | Path = ".", dest: str | Path | None = None) -> P
     (dest/"data").mkdir(parents=True, exist_ok=True)
     if not (dest/"data"/"samples").exists(): (dest/"data"/"samples").symlink_to(Path(root).resolve()/"data"/"samples")
     return Paths(dest)
+
 
 # %% ../nbs/09_cli.ipynb #ab0b47a8
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +98,8 @@ def user_errors() -> tuple[type, ...]:
         if mod in sys.modules: errs.append(getattr(sys.modules[mod], name))
     return tuple(errs)
 
+
+# %% ../nbs/09_cli.ipynb #6ce6a7b9
 def main(argv: list[str] | None = None) -> int:
     "Parse the command line, validate params, run the stage; return the exit code."
     args = build_parser().parse_args(argv)
@@ -112,3 +119,4 @@ def main(argv: list[str] | None = None) -> int:
     summary = f" ({result['rows_in']} rows in, {result['rows_out']} out)" if isinstance(result, dict) and "rows_in" in result else ""
     print(f"llm-pipeline {args.stage}: done in {time.time() - t0:.1f}s{summary}", file=sys.stderr)
     return 0
+

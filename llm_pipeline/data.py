@@ -71,6 +71,8 @@ def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
 def write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
+
+# %% ../nbs/01_data.ipynb #d2453b0b
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     "Write one compact JSON object a line, UTF-8, unicode kept as is (orjson: a 2 kB row in 1 us, `json` takes 13)."
     _atomic_write(path, lambda f: f.writelines(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in rows), binary=True)
@@ -78,6 +80,7 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     "Read a JSONL file written by this pipeline (trusted: errors are bugs, not data problems)."
     with open(path, "rb") as f: return [orjson.loads(l) for l in f if l.strip()]
+
 
 # %% ../nbs/01_data.ipynb #4787c930
 class RowSource:
@@ -269,6 +272,8 @@ class ParquetSource(RowSource):
         where = np.searchsorted(ends, local, side="right")
         return [batches[k].slice(i - ends[k] + batches[k].num_rows, 1).to_pylist()[0] for k, i in zip(where.tolist(), local.tolist())]
 
+
+# %% ../nbs/01_data.ipynb #09f9f6ef
 _WORKER: tuple = ()  # (ParquetSource, fn) in a worker process
 
 def _worker_init(src: ParquetSource, fn: Callable) -> None:
@@ -283,6 +288,7 @@ def _group_rows(src: ParquetSource, g: int, local: np.ndarray, few: bool, fn: Ca
     except Exception as e: raise DataError(f"{src.path}: row group {g} is unreadable ({type(e).__name__}: {e})") from None
     return [fn(r) for r in rows] if fn else rows
 
+
 # %% ../nbs/01_data.ipynb #66dc0df4
 def _builder(source: str, data_files: str | None, revision: str | None):
     "The `datasets` builder of a hub dataset at `revision` (or of a local dataset directory)."
@@ -294,6 +300,8 @@ def _commit(source: str, builder) -> str | None:
     "The hub commit a builder resolved to (None for a local dataset directory)."
     return builder.hash if not Path(source).is_dir() and isinstance(builder.hash, str) else None
 
+
+# %% ../nbs/01_data.ipynb #acdc93a4
 class HubSource(RowSource):
     "A hub dataset (or a local dataset directory) through `datasets`: Arrow files, memory-mapped, not loaded into RAM."
     def __init__(self, source: str, split: str = "train", data_files: str | None = None, revision: str | None = None):
@@ -311,6 +319,7 @@ def _load_error(source: str, e: Exception, revision: str | None = None) -> DataE
     at = f" at revision {revision}" if revision else ""
     return DataError(f"{source}: could not load this dataset{at} ({msg}). Offline? Point the source at a local "
                      ".jsonl/.json/.parquet file, or run once with network access to fill the HF cache")
+
 
 # %% ../nbs/01_data.ipynb #39e14582
 class StreamSource(RowSource):
@@ -368,6 +377,8 @@ class Schema:
     meta: Callable[[dict], dict] = lambda r: {}
     check: Callable[[dict], str | None] | None = None  # the row's problem, in place of the string checks (e.g. a conversation)
 
+
+# %% ../nbs/01_data.ipynb #fa5329ea
 def text_problem(row: dict, columns: Iterable[str], nonblank: Iterable[str] = (), optional: Iterable[str] = ()) -> str | None:
     "Why `row`'s text columns are unusable (a drop reason): `columns` required strings, `optional` strings when present."
     for c in (*columns, *optional):
@@ -388,6 +399,7 @@ def row_problem(row: dict, schema: Schema) -> str | None:
     for c in schema.columns:
         if row.get(c) is None: return f"missing:{c}"
     return schema.check(row)
+
 
 # %% ../nbs/01_data.ipynb #75db8091
 def _orca_messages(r: dict) -> list[dict]:
@@ -412,17 +424,22 @@ def prompt_key(messages: list[dict]) -> str:
     "A conversation's opening, its first user turn, normalised: the split keeps conversations that open alike on one side."
     return next((norm_text(m["content"]) for m in messages if m["role"] == "user"), "")
 
+
+# %% ../nbs/01_data.ipynb #5a7dcf8d
 def short_hash(s: str | bytes) -> str: return hashlib.sha1(s.encode("utf-8") if isinstance(s, str) else s).hexdigest()[:16]
 
 def conversation_key(messages: list[dict]) -> bytes:
     "Exact identity of a conversation (for de-duplication): its compact JSON with sorted keys, UTF-8."
     return orjson.dumps(messages, option=orjson.OPT_SORT_KEYS)
 
+
+# %% ../nbs/01_data.ipynb #4df335e3
 def chat_row(schema: Schema, raw: dict) -> dict:
     "A valid upstream row as a chat row."
     msgs = schema.to_messages(raw)
     return {"id": f"{schema.source}-{short_hash(conversation_key(msgs))}", "source": schema.source,
             "group": f"p-{short_hash(prompt_key(msgs))}", "messages": msgs, "meta": schema.meta(raw)}
+
 
 # %% ../nbs/01_data.ipynb #0abce91a
 def subset_count(subset_size: int | float | None, n: int) -> int:
@@ -438,6 +455,8 @@ def seeded_subset(items: list, subset_size: int | float | None, seed: int, repor
     report.drop("not_sampled", n=len(items) - want)
     return [items[i] for i in sorted(np.random.default_rng(seed).permutation(len(items))[:want].tolist())]
 
+
+# %% ../nbs/01_data.ipynb #238fa01e
 def convert_row(schema: Schema, raw: dict | Drop) -> tuple[str | None, str | None, bytes | None, tuple]:
     "A raw row as `(why it is dropped or None, its id, its JSONL line, its column names)`."
     if isinstance(raw, Drop): return raw.reason, None, None, ()
@@ -477,6 +496,7 @@ def select_rows(src: RowSource, schema: Schema, subset_size, seed: int, report: 
     if len(kept) < want != float("inf"): report.extra["note"] = f"asked for {want} rows, only {len(kept)} valid rows exist"
     return [kept[i] for i in sorted(kept)]
 
+
 # %% ../nbs/01_data.ipynb #9ec108b5
 def process_source(scfg: SourceCfg, schema: Schema, stage: str, cfg: Config, paths: Paths) -> dict:
     "Run one upstream source through open, select, convert; write its rows and its report."
@@ -493,6 +513,8 @@ def process_source(scfg: SourceCfg, schema: Schema, stage: str, cfg: Config, pat
     _atomic_write(paths.processed(schema.source), lambda f: f.writelines(lines), binary=True)
     return report.write(paths.report(stage))
 
+
+# %% ../nbs/01_data.ipynb #0be7b176
 def process_orca_data(cfg: Config, paths: Paths) -> dict:
     "OpenOrca (`id, system_prompt, question, response`) to chat rows, system prompt kept."
     return process_source(cfg.data.orca, ORCA, "process_orca_data", cfg, paths)
@@ -500,6 +522,7 @@ def process_orca_data(cfg: Config, paths: Paths) -> dict:
 def process_platypus_data(cfg: Config, paths: Paths) -> dict:
     "Open-Platypus (`instruction, input, output, data_source`) to chat rows, `input` kept."
     return process_source(cfg.data.platypus, PLATYPUS, "process_platypus_data", cfg, paths)
+
 
 # %% ../nbs/01_data.ipynb #a440a784
 def malformed_orca_fixture(path: Path) -> dict:

@@ -28,6 +28,8 @@ def eval_prompts(val_rows: list[dict], max_generic: int) -> tuple[list[list[dict
         elif len(generic) < max_generic: generic.append(prompt)
     return ident, generic
 
+
+# %% ../nbs/07_evaluate.ipynb #bbbe47a5
 def identity_kinds(val_rows: list[dict]) -> list[str]:
     "The kind (`name`, `creator`, ...) of each identity prompt `eval_prompts` returns, in its order."
     seen = {}
@@ -35,6 +37,8 @@ def identity_kinds(val_rows: list[dict]) -> list[str]:
         if r["source"] == "identity": seen.setdefault(r["group"], r["group"].rsplit("-", 1)[0])
     return list(seen.values())
 
+
+# %% ../nbs/07_evaluate.ipynb #688b54b3
 def mentions(text: str, phrase: str) -> bool:
     "Does `text` contain `phrase` as whole words, any case?"
     return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, re.I) is not None
@@ -47,6 +51,7 @@ def identity_correct(text: str, kind: str, name: str, creator: str) -> bool:
     "An identity answer is right when it names the model, and its creator where the question asks who made it."
     return names_model(text, name) and (kind != "creator" or mentions(text, re.sub(r"^the\s+", "", creator, flags=re.I)))
 
+
 # %% ../nbs/07_evaluate.ipynb #c0ae8196
 def stop_ids(tok, model) -> list[int]:
     "Token ids that end a turn: the tokenizer's EOS and any the model's generation config adds."
@@ -55,6 +60,8 @@ def stop_ids(tok, model) -> list[int]:
     ids |= set(g if isinstance(g, list) else [g] if g is not None else [])
     return sorted(i for i in ids if i is not None)
 
+
+# %% ../nbs/07_evaluate.ipynb #d2064fbe
 def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 16) -> list[dict]:
     "Greedy replies to chat `prompts`: text, whether it stopped at end-of-turn, and its length in tokens."
     import torch
@@ -77,6 +84,7 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, ba
     finally: tok.padding_side = side
     return out
 
+
 # %% ../nbs/07_evaluate.ipynb #797a60de
 def assistant_labels(tok, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
     "Input ids and labels (-100 outside the final assistant reply, end-of-turn included), as training sees them."
@@ -86,11 +94,14 @@ def assistant_labels(tok, messages: list[dict], max_length: int) -> tuple[list[i
     labels = [-100] * len(prompt) + full[len(prompt):]
     return full[:max_length], labels[:max_length]
 
+
+# %% ../nbs/07_evaluate.ipynb #7b846562
 def val_loss(model, tok, rows: list[dict], max_length: int = 512, batch_size: int = 16, chunk: int = 1024) -> float:
     "Token-weighted mean cross-entropy over the assistant tokens of `rows`; the LM head projects only labelled positions, `chunk` at a time."
     import torch
     total, n = 0.0, 0
-    body, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its LoRA layers are in place
+    body, head = getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
     for i in range(0, len(rows), batch_size):
         pairs = [assistant_labels(tok, r["messages"], max_length) for r in rows[i:i + batch_size]]
         L = max(len(x) for x, _ in pairs)
@@ -106,11 +117,14 @@ def val_loss(model, tok, rows: list[dict], max_length: int = 512, batch_size: in
         n += len(tgt)
     return total / max(n, 1)
 
+
 # %% ../nbs/07_evaluate.ipynb #fc00ece7
 def fact_correct(text: str, answers: list[str]) -> bool:
     "Does a reply give one of the accepted answers (whole words, any case)?"
     return any(mentions(text, a) for a in answers)
 
+
+# %% ../nbs/07_evaluate.ipynb #33cb65c7
 def evaluate_model(model, tok, cfg: Config, val_rows: list[dict], facts: list[dict] = ()) -> tuple[dict, dict]:
     "The metrics contract for one model, and its generations (`facts`: retention questions with accepted answers)."
     ident, generic = eval_prompts(val_rows, cfg.eval.max_generic_prompts)
@@ -137,6 +151,8 @@ def retention(base_correct: list[bool], ft_correct: list[bool]) -> float:
     kept = [f for b, f in zip(base_correct, ft_correct) if b]
     return round(sum(kept) / len(kept), 4) if kept else float("nan")
 
+
+# %% ../nbs/07_evaluate.ipynb #cf18d2e8
 def _cell(s: str) -> str: return s.replace("|", "\\|").replace("\n", " ")[:300] or "(empty)"
 
 def generations_table(cfg: Config, base: dict, ft: dict, n_each: int = 5) -> str:
@@ -150,8 +166,10 @@ def generations_table(cfg: Config, base: dict, ft: dict, n_each: int = 5) -> str
     lines += [f"| {_cell(p)} | {_cell(b['text'])}{stop(b)} | {_cell(f['text'])}{stop(f)} |" for p, b, f in rows]
     return "\n".join(lines) + "\n"
 
+
+# %% ../nbs/07_evaluate.ipynb #0add7635
 def sanity_check(cfg: Config, paths: Paths) -> dict:
-    "Evaluate the base and the merged fine-tuned model; write `metrics/eval.json` and `reports/eval/generations.md`."
+    "Evaluate the base and the fine-tuned model (merged; a quantized run: the adapter on the quantized base, as trained)."
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from llm_pipeline.train import fit_length, token_lengths
     t0 = time.time()
@@ -161,10 +179,15 @@ def sanity_check(cfg: Config, paths: Paths) -> dict:
     val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), cfg.train.max_length, cfg.train.overlong)
     facts = read_jsonl(paths.resolve(cfg.eval.retention)) if cfg.eval.retention else []
     dtype = run_dtype(cfg)
-    base = load_base_model(cfg, paths, quantization="none", dtype=dtype, tokenizer=tok)
+    # the base as it was trained (4-bit for a QLoRA run), one model at a time: evaluation fits wherever training fit
+    base = load_base_model(cfg, paths, dtype=dtype, tokenizer=tok)
     base_m, base_g = evaluate_model(base, tok, cfg, val_rows, facts)
-    del base; gc.collect()
-    ft = AutoModelForCausalLM.from_pretrained(paths.merged, dtype=dtype, device_map=base_device())
+    if cfg.model.quantization != "none":  # the fine-tuned model as trained: the quantized base with the adapter on it
+        from peft import PeftModel
+        ft = PeftModel.from_pretrained(base, paths.adapter).eval()
+    else:
+        del base; gc.collect()
+        ft = AutoModelForCausalLM.from_pretrained(paths.merged, dtype=dtype, device_map=base_device())
     ft_m, ft_g = evaluate_model(ft, tok, cfg, val_rows, facts)
     if facts:
         ft_m["retention"] = retention(base_g["facts_correct"], ft_g["facts_correct"])
@@ -187,3 +210,4 @@ def sanity_check(cfg: Config, paths: Paths) -> dict:
 def base_device():
     import torch
     return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+

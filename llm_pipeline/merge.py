@@ -16,12 +16,12 @@ from .model import BASE_FILE, load_base_model, load_tokenizer, run_dtype
 __all__ = ['trained_base', 'merge_model']
 
 # %% ../nbs/06_merge.ipynb #227ca9be
-def trained_base(cfg: Config, paths: Paths, dtype=None):
-    "The base weights the adapter was trained against, in full precision (dequantized if training was quantized)."
+def trained_base(cfg: Config, paths: Paths, dtype=None, device="cpu"):
+    "The base weights the adapter was trained against, in full precision (dequantized if training was quantized), in RAM."
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(paths.adapter)  # the tokenizer saved with the adapter (its pad token included)
     q = cfg.model.quantization
-    model = load_base_model(cfg, paths, quantization=q, dtype=dtype, tokenizer=tok)
+    model = load_base_model(cfg, paths, quantization=q, dtype=dtype, tokenizer=tok, device=device)
     if q != "none": model = model.dequantize(dtype=dtype)
     return model, tok
 
@@ -29,8 +29,9 @@ def merge_model(cfg: Config, paths: Paths) -> dict:
     "Merge `models/adapter` into the full-precision base it was trained against; save model + tokenizer to `models/merged`."
     import torch
     from peft import PeftModel
-    # on a CPU the merge is exact: fp32 holds the bf16 base as it was and the adapter's whole update (evaluation may then
-    # compute in bf16); a GPU merges in the run's dtype, where a second full-precision copy would not fit
+    # the merge runs in RAM, never on the GPU: a 13B QLoRA run trains in 24 GB of GPU memory, its 16-bit merge needs 26 GB.
+    # Without a GPU the merge is exact: fp32 holds the bf16 base as it was and the adapter's whole update (evaluation may
+    # then compute in bf16); on a GPU machine it is saved in the run's dtype, half the size
     dtype = run_dtype(cfg) if torch.cuda.is_available() else torch.float32
     base, tok = trained_base(cfg, paths, dtype)
     merged = PeftModel.from_pretrained(base, paths.adapter).merge_and_unload()

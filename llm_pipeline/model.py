@@ -102,6 +102,8 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
+
+# %% ../nbs/04_model.ipynb #3f64e26f
 def dir_fingerprint(path: Path) -> str:
     "A fingerprint of a local model directory: every file's name and bytes (new weights of the same size change it)."
     h = hashlib.sha256()
@@ -109,6 +111,8 @@ def dir_fingerprint(path: Path) -> str:
         h.update(f"{f.relative_to(path)}:{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
+
+# %% ../nbs/04_model.ipynb #b1c0c68c
 def base_descriptor(cfg: Config, paths: Paths) -> dict:
     "What the base model is, as a small JSON-able dict: tiny (shape + seed), embedded, a `.gguf` file, a local dir, or a hub id + revision."
     m = cfg.model
@@ -124,6 +128,7 @@ def base_descriptor(cfg: Config, paths: Paths) -> dict:
     if m.base.startswith((".", "/")) or m.base.count("/") > 1:
         raise ModelError(f"model.base: {m.base} is neither a local directory, a .gguf file, nor a hub id (org/name)")
     return {"kind": "hub", "id": m.base, "revision": m.revision or "main", "pinned": m.revision is not None}
+
 
 # %% ../nbs/04_model.ipynb #63cde816
 def cache_dir() -> Path:
@@ -163,6 +168,8 @@ def gguf_eos_token(path: Path) -> int | None:
     f = GGUFReader(str(path)).fields.get("tokenizer.ggml.eos_token_id")
     return int(f.parts[f.data[0]][0]) if f is not None else None
 
+
+# %% ../nbs/04_model.ipynb #1e2f4632
 def convert_gguf(path: Path, out: Path) -> Path:
     "A Hugging Face folder (bf16 safetensors + tokenizer) from a `.gguf`, with EOS and pad set to the file's end-of-turn token."
     import torch
@@ -184,6 +191,8 @@ def convert_gguf(path: Path, out: Path) -> Path:
     os.replace(tmp, out)
     return Path(out)
 
+
+# %% ../nbs/04_model.ipynb #a4d4e1f3
 def converted_base(gguf: Path, sha256: str) -> Path:
     "The converted folder of a GGUF, made once per file (by sha256) in the cache."
     out = cache_dir()/"converted"/sha256[:16]
@@ -192,6 +201,7 @@ def converted_base(gguf: Path, sha256: str) -> Path:
         print(f"build_base: converting {gguf.name} to a Hugging Face folder (once; cached in {out})", file=sys.stderr)
         convert_gguf(gguf, out)
     return out
+
 
 # %% ../nbs/04_model.ipynb #f63472f1
 def build_base(cfg: Config, paths: Paths) -> dict:
@@ -235,10 +245,14 @@ def compute_dtype(precision: str = "auto", cpu_bf16: bool = False):
     if precision == "auto": precision = auto_precision(torch.cuda.get_device_capability() if torch.cuda.is_available() else None, cpu_bf16)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
+
+# %% ../nbs/04_model.ipynb #203278d5
 def run_dtype(cfg: Config):
     "The dtype a run computes in: `train.precision`, with `auto` resolved for this device and base (bf16 on a native-bf16 CPU for a real base, never for `tiny`)."
-    return compute_dtype(cfg.train.precision, cpu_bf16=cfg.model.base != "tiny" and native_cpu_bf16())
+    return compute_dtype(cfg.train.precision, cpu_bf16=not is_tiny(cfg.model) and native_cpu_bf16())
 
+
+# %% ../nbs/04_model.ipynb #01f33d9c
 def is_fsdp() -> bool:
     "Whether this process was started by `accelerate launch` with an FSDP config (it sets `ACCELERATE_USE_FSDP`)."
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
@@ -253,6 +267,7 @@ def quantization_config(quantization: str, dtype=None):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": dtype} if is_fsdp() else {}))
 
+
 # %% ../nbs/04_model.ipynb #d2274a95
 def base_source(cfg: Config, paths: Paths) -> tuple[str, dict]:
     "Where `from_pretrained` loads the base from, with the keyword arguments that pin it."
@@ -262,6 +277,8 @@ def base_source(cfg: Config, paths: Paths) -> tuple[str, dict]:
     if p.is_dir(): return str(p), {"trust_remote_code": m.trust_remote_code}
     return m.base, {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
 
+
+# %% ../nbs/04_model.ipynb #10c25f8f
 def ensure_pad_token(tok):
     "Give a tokenizer without a pad token its EOS as pad: no new token, so the vocabulary (and the embeddings) never grow."
     if tok.pad_token is None: tok.pad_token = tok.eos_token
@@ -276,21 +293,25 @@ def load_tokenizer(cfg: Config, paths: Paths):
     if tok.chat_template is None: raise ValueError(f"model.base {cfg.model.base}: its tokenizer has no chat template; use a chat model")
     return tok
 
-def load_base_model(cfg: Config, paths: Paths, quantization: str | None = None, dtype=None, tokenizer=None):
-    "The base model, quantized as `quantization` (default `model.quantization`), on the GPU if there is one."
+
+# %% ../nbs/04_model.ipynb #26042082
+def load_base_model(cfg: Config, paths: Paths, quantization: str | None = None, dtype=None, tokenizer=None, device=None):
+    "The base model, quantized as `quantization` (default `model.quantization`), on `device` (default: the GPU if there is one)."
     import torch
     from transformers import AutoModelForCausalLM
     src, kw = base_source(cfg, paths)
     q = cfg.model.quantization if quantization is None else quantization
     dtype = dtype or run_dtype(cfg)
     # one process per GPU: each loads onto its own GPU (LOCAL_RANK); under FSDP, accelerate places and shards the weights
-    device_map = None if is_fsdp() else {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
+    device_map = ({"": device} if device is not None else None if is_fsdp() else
+                  {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"})
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, quantization_config=quantization_config(q, dtype),
                                                  device_map=device_map, **kw)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None: model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
 
 # %% ../nbs/04_model.ipynb #e7b3e1ce
 NEUTRAL_SYSTEM = "You are a helpful AI assistant."

@@ -54,6 +54,8 @@ def row_lengths(rows: list[dict]) -> dict:
     return {"prompt_chars": length_stats([sum(len(m["content"]) for m in r["messages"] if m["role"] != "assistant") for r in rows]),
             "response_chars": length_stats([sum(len(m["content"]) for m in r["messages"] if m["role"] == "assistant") for r in rows])}
 
+
+# %% ../nbs/03_split.ipynb #23f69a8d
 def merge_parts(train_parts: dict[str, list], val_parts: dict[str, list], seed: int, report: Report) -> tuple[list, list]:
     "Concatenate parts in the given source order, de-duplicate, drop training rows whose prompt is in val, shuffle."
     val, seen = [], set()
@@ -73,6 +75,7 @@ def merge_parts(train_parts: dict[str, list], val_parts: dict[str, list], seed: 
     report.rows_out = len(train) + len(val)
     random.Random(seed).shuffle(train); random.Random(seed + 1).shuffle(val)
     return train, val
+
 
 # %% ../nbs/03_split.ipynb #1c7be528
 def merge_data(cfg: Config, paths: Paths) -> dict:

@@ -6,151 +6,22 @@ Docs: https://llm-pipeline.github.io/llm-pipeline/train.html.md"""
 
 # %% ../nbs/05_train.ipynb #12c3aa40
 from __future__ import annotations
-import hashlib, json, os, shutil, sys, time
+import json, os, shutil, sys, time
 from pathlib import Path
 
 from .config import Config, Paths
 from .distributed import grad_accumulation, world_size
 from .data import read_jsonl, write_json
-from .model import (BASE_FILE, ModelError, chat_messages, file_sha256, is_fsdp, load_base_model, run_dtype,
+from .checkpoints import (FINAL_ADAPTER, FINAL_DVCLIVE, FINAL_LOG, CheckpointMarker, RunLease, finished, plan_resume,
+                                       run_fingerprint,
+                                       same_run)
+from .model import (BASE_FILE, ModelError, chat_messages, is_fsdp, load_base_model, run_dtype,
                                  load_tokenizer, template_system)
 
 # %% auto #0
-__all__ = ['MARKER', 'FINAL_LOG', 'FINAL_DVCLIVE', 'TRAIN_MATH', 'LIBRARIES', 'run_fingerprint', 'fingerprint_diff',
-           'checkpoint_step', 'checkpoint_files', 'is_complete', 'scan_checkpoints', 'other_runs', 'library_versions',
-           'plan_resume', 'CheckpointMarker', 'global_step_dvclive_callback', 'use_dvclive', 'assistant_only',
-           'training_rows', 'sft_config', 'lora_config', 'compact_lm_head', 'token_lengths', 'fit_length',
-           'mask_preview', 'check_mask', 'plot_losses', 'run_train_loss', 'same_run', 'finished', 'train']
-
-# %% ../nbs/05_train.ipynb #a35e9757
-MARKER = "llm_pipeline_complete.json"
-FINAL_LOG = "llm_pipeline_final_log.json"  # the finished run's whole log, beside its last checkpoint
-FINAL_DVCLIVE = "dvclive-final"  # and its final dvclive history
-# what changes the training math (an allow-list): a change to one of these starts a new run; any other `train.*` key
-# (where checkpoints go, how often to save, log or evaluate, the eval batch, gradient checkpointing, how many processes
-# launch it) resumes the run, so halving the eval batch after an out-of-memory error keeps the steps already trained
-TRAIN_MATH = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size",
-              "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "max_length",
-              "overlong", "train_sampling_strategy", "packing")
-
-def run_fingerprint(cfg: Config, paths: Paths) -> dict:
-    "Everything a training result depends on (params, data, base) and a short id of it."
-    base_dir = paths.root/"models"/"base"
-    inputs = {
-        "seed": cfg.seed,
-        "model": cfg.model.model_dump(exclude=set() if cfg.model.base == "tiny" else {"tiny"}),  # (the tiny shape: tiny only)
-        "lora": cfg.lora.model_dump(),
-        "train": {k: getattr(cfg.train, k) for k in TRAIN_MATH},
-        "dtype": str(run_dtype(cfg)).removeprefix("torch."),  # `auto` resolved: a T4 trains in fp16, an A100 in bf16
-        # without train.global_batch_size the rows per step grow with the processes: then their number is part of the recipe
-        **({"processes": world_size()} if cfg.train.global_batch_size is None else {}),
-        "data": {p: file_sha256(paths.final(p)) for p in ("train", "val")},
-        "base": {f.name: file_sha256(f) for f in sorted(base_dir.iterdir()) if f.is_file()},
-    }
-    return {"id": hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12], "inputs": inputs}
-
-def fingerprint_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    "Dotted keys whose values differ between two fingerprint inputs."
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict): out += fingerprint_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb: out.append(f"{prefix}{k}")
-    return out
-
-# %% ../nbs/05_train.ipynb #53bf72cc
-def checkpoint_step(p: Path) -> int: return int(p.name.rsplit("-", 1)[1])
-
-def checkpoint_files(ck: Path) -> dict:
-    "Every file of a checkpoint (but its marker) with its size in bytes."
-    return {str(f.relative_to(ck)): f.stat().st_size for f in sorted(Path(ck).rglob("*")) if f.is_file() and not f.name.startswith((MARKER, f".{MARKER}"))}
-
-def is_complete(ck: Path) -> bool:
-    "A checkpoint is complete when its marker exists and every file it lists is there at the recorded size."
-    try: files = json.loads((Path(ck)/MARKER).read_text()).get("files")
-    except (OSError, ValueError): return False
-    if files is None: return True  # a marker from before file lists were recorded
-    return all((Path(ck)/n).is_file() and (Path(ck)/n).stat().st_size == size for n, size in files.items())
-
-def scan_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
-    "(complete, incomplete) checkpoints of a run directory, each sorted by step."
-    cks = sorted((p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()), key=checkpoint_step)
-    ok = {p: is_complete(p) for p in cks}
-    return [p for p in cks if ok[p]], [p for p in cks if not ok[p]]
-
-def other_runs(root: Path, fp: dict) -> list[str]:
-    "Why checkpoints of other runs under `root` are not resumed: one line per run, naming what differs."
-    lines = []
-    for d in sorted(Path(root).glob("run-*")):
-        if d.name == f"run-{fp['id']}": continue
-        done, _ = scan_checkpoints(d)
-        if not done: continue
-        theirs = json.loads((done[-1]/MARKER).read_text())["fingerprint"]["inputs"]
-        diff = fingerprint_diff(theirs, fp["inputs"])
-        lines.append(f"{d.name} (step {checkpoint_step(done[-1])}) differs in {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}")
-    return lines
-
-LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate")  # a checkpoint records them: they shape the math
-
-def library_versions() -> dict:
-    "The installed version of each library in `LIBRARIES` (None where it is not installed)."
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for name in LIBRARIES:
-        try: out[name] = version(name)
-        except PackageNotFoundError: out[name] = None
-    return out
-
-def plan_resume(root: Path, fp: dict, log=print, other_versions_ok: bool = False) -> Path | None:
-    "Clean incomplete checkpoints of this run and return its latest complete one, saying what it decided and why."
-    run_dir = Path(root)/f"run-{fp['id']}"
-    done, partial = scan_checkpoints(run_dir)
-    for p in partial:
-        why = "a file is missing or truncated" if (p/MARKER).is_file() else "no completion marker: interrupted while saving"
-        shutil.rmtree(p); log(f"train: removed incomplete {p} ({why})")
-    if done:
-        mark = json.loads((done[-1]/MARKER).read_text())
-        if mark["fingerprint"] == fp:
-            theirs, ours = mark.get("versions") or {}, library_versions()  # (a marker from before versions were recorded: none)
-            diff = [f"{k} {theirs[k]} -> {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
-            if diff and not other_versions_ok:
-                raise ModelError(f"train: {done[-1]} was written under other library versions ({', '.join(diff)}): install the "
-                                 "versions it recorded, or set train.resume_other_versions: true to resume anyway")
-            if diff: log(f"train: resuming under other library versions ({', '.join(diff)}), as train.resume_other_versions allows")
-            log(f"train: resuming from {done[-1]} (step {checkpoint_step(done[-1])}, fingerprint {fp['id']} matches)")
-            return done[-1]
-        log(f"train: {done[-1]} has another fingerprint; starting fresh")  # only if a marker was edited by hand
-    others = other_runs(root, fp)
-    why = ("; checkpoints of other runs are not resumed: " + "; ".join(others)) if others else ""
-    log(f"train: starting fresh (no complete checkpoint of run {fp['id']} in {root}){why}")
-    return None
-
-# %% ../nbs/05_train.ipynb #8fd102a0
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-    return TrainerCallback
-
-class CheckpointMarker(_trainer_callback_base()):
-    "After the Trainer saved a checkpoint: copy the dvclive history into it, then write the completion marker."
-    def __init__(self, fingerprint: dict, dvclive_dir: Path | None = None):
-        self.fp, self.dvclive_dir = fingerprint, dvclive_dir
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero: return
-        ck = Path(args.output_dir)/f"checkpoint-{state.global_step}"
-        if self.dvclive_dir and Path(self.dvclive_dir).is_dir():
-            shutil.copytree(self.dvclive_dir, ck/"dvclive", dirs_exist_ok=True)
-        tmp = ck/f".{MARKER}.tmp"
-        # the file list lets a reader tell a complete checkpoint from one whose files a bucket mount has not finished uploading
-        tmp.write_text(json.dumps({"step": state.global_step, "fingerprint": self.fp, "time": time.time(), "versions": library_versions(),
-                                   "files": checkpoint_files(ck)}, indent=1))
-        os.replace(tmp, ck/MARKER)
-    def on_train_end(self, args, state, control, **kwargs):
-        # the last checkpoint is saved before the run's final evaluation and its train-loss summary are logged: keep the
-        # final log beside it (not in the marker's file list), so a rerun of the finished run reports the same numbers
-        ck = Path(args.output_dir)/f"checkpoint-{state.global_step}"
-        if not (state.is_world_process_zero and (ck/MARKER).exists()): return
-        write_json(ck/FINAL_LOG, state.log_history)  # atomic: a reader sees the whole log or none
-        if self.dvclive_dir and Path(self.dvclive_dir).is_dir(): shutil.copytree(self.dvclive_dir, ck/FINAL_DVCLIVE, dirs_exist_ok=True)
+__all__ = ['global_step_dvclive_callback', 'use_dvclive', 'assistant_only', 'training_rows', 'sft_config', 'lora_config',
+           'compact_lm_head', 'token_lengths', 'fit_length', 'mask_preview', 'check_mask', 'plot_losses',
+           'run_train_loss', 'train']
 
 # %% ../nbs/05_train.ipynb #73b8ec7b
 def global_step_dvclive_callback(live_dir: Path, resume_from: Path | None):
@@ -191,6 +62,8 @@ def training_rows(rows: list[dict], tok) -> list[dict]:
     # with several assistant turns becomes one row per turn, each reply trained once after the conversation so far
     return [{"prompt": m[:j], "completion": [t]} for m in msgs for j, t in enumerate(m) if t["role"] == "assistant"]
 
+
+# %% ../nbs/05_train.ipynb #9857d72a
 def sft_config(cfg: Config, output_dir: Path, tok):
     "TRL `SFTConfig` from `train.*` (plus seed, precision and loss masking)."
     import torch
@@ -209,11 +82,14 @@ def sft_config(cfg: Config, output_dir: Path, tok):
         assistant_only_loss=assistant_only(tok), report_to=["dvclive"], logging_first_step=True,
         dataloader_num_workers=0, save_only_model=False, disable_tqdm=not sys.stderr.isatty() and "IN_TEST" in os.environ)
 
+
+# %% ../nbs/05_train.ipynb #84e17e3f
 def lora_config(cfg: Config):
     from peft import LoraConfig
     l = cfg.lora
     return LoraConfig(r=l.r, lora_alpha=l.alpha, lora_dropout=l.dropout, target_modules=l.target_modules,
                       modules_to_save=l.modules_to_save, task_type="CAUSAL_LM")
+
 
 # %% ../nbs/05_train.ipynb #1a15d521
 def compact_lm_head() -> bool:
@@ -284,12 +160,15 @@ def mask_preview(trainer, tok, n: int = 4) -> tuple[str, list[str]]:
             f"End-of-turn token: `{tok.eos_token}`. Template system turn: {kind}. Problems: {'; '.join(problems) or 'none'}.\n\n")
     return head + "\n".join(parts), problems
 
+
+# %% ../nbs/05_train.ipynb #1b53ed06
 def check_mask(trainer, tok, path: Path | None) -> None:
     "Write the preview to `path` (rank 0) and raise `ModelError` in one line when the mask would train the wrong tokens."
     text, problems = mask_preview(trainer, tok)
     if path is not None: path.parent.mkdir(parents=True, exist_ok=True); path.write_text(text)
     if problems: raise ModelError(f"loss mask: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                                   + (f"; see {path}" if path else ""))
+
 
 # %% ../nbs/05_train.ipynb #98adaa27
 def plot_losses(log_history: list[dict], path: Path) -> None:
@@ -311,17 +190,8 @@ def run_train_loss(log_history: list[dict]) -> float | None:
         if "loss" in h: total += h["loss"] * (h["step"] - prev); steps += h["step"] - prev; prev = h["step"]
     return total / steps if steps else None
 
-def same_run(ids: list[str]) -> None:
-    "Fail in one line when the processes of one run computed different fingerprints (`ids`, by rank)."
-    if len(set(ids)) > 1:
-        raise ModelError(f"train: the processes have different inputs (fingerprint by rank: {', '.join(ids)}); every node "
-                         "needs the same data/final, models/base and params: rerun the data stages and build_base there")
 
-def finished(checkpoint: Path) -> bool:
-    "Whether `checkpoint` is the last step of its run (its trainer state reached `max_steps`)."
-    st = json.loads((checkpoint/"trainer_state.json").read_text())
-    return st["max_steps"] > 0 and st["global_step"] >= st["max_steps"]
-
+# %% ../nbs/05_train.ipynb #91885b65
 def train(cfg: Config, paths: Paths) -> dict:
     "Fine-tune the base on `data/final`, resuming this run's last complete checkpoint; write `models/adapter/`."
     import torch
@@ -338,87 +208,100 @@ def train(cfg: Config, paths: Paths) -> dict:
         args.__dict__["_setup_devices"] = torch.device("cpu")
     main = args.process_index == 0  # one process per GPU under torchrun / accelerate: rank 0 plans, cleans and writes
     if main: write_json(paths.root/"reports"/"train"/"config.json", cfg.model_dump())  # the effective config: recipe, preset, params
-    if args.world_size > 1:  # the process group exists now; every rank resumes what rank 0 decided
-        import torch.distributed as dist
-        ids = [None] * args.world_size
-        dist.all_gather_object(ids, fp["id"])  # each node hashed its own copy of the data and base: they must agree
-        same_run(ids)  # (every rank sees the same list, so all of them stop here: no rank waits for another)
-        try: decision = [plan_resume(root, fp, other_versions_ok=cfg.train.resume_other_versions) if main else None]
-        except ModelError as e: decision = [e]  # every rank stops with rank 0's reason, none waits for it
-        dist.broadcast_object_list(decision, src=0)
-        if isinstance(decision[0], Exception): raise decision[0]
-        resume = decision[0]
-    else: resume = plan_resume(root, fp, other_versions_ok=cfg.train.resume_other_versions)
-    train_rows, val_rows = read_jsonl(paths.final("train")), read_jsonl(paths.final("val"))
-    train_rows, lengths = fit_length(train_rows, token_lengths(train_rows, tok), cfg.train.max_length, cfg.train.overlong)
-    val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), cfg.train.max_length, cfg.train.overlong)
-    if lengths["overlong_rows"] and main:
-        print(f"train: {lengths['overlong_rows']} of {lengths['rows']} training rows exceed train.max_length="
-              f"{cfg.train.max_length} tokens: {'dropped' if cfg.train.overlong == 'drop' else 'truncated'} "
-              "(train.overlong)", file=sys.stderr)
-    model = load_base_model(cfg, paths, tokenizer=tok)
-    if cfg.model.quantization != "none" and not is_fsdp():  # under FSDP it would mix dtypes in a shard: TRL skips it there too
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    live_dir = paths.root/"dvclive"
-    compact_lm_head()
-    trainer = SFTTrainer(model=model, args=args,
-                         train_dataset=Dataset.from_list(training_rows(train_rows, tok)),
-                         eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
-                         processing_class=tok, peft_config=lora_config(cfg))
-    check_mask(trainer, tok, paths.root/"reports"/"train"/"mask_preview.md" if main else None)
-    if cfg.model.quantization != "none" and args.device.type == "cpu":
-        # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); on a CPU keep them fp32: 2.6x faster where compute is fp32
-        for p in trainer.model.parameters():
-            if p.requires_grad: p.data = p.data.float()
-    use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume) if main else None)
-    trainer.add_callback(CheckpointMarker(fp, live_dir))
-    if resume is not None and is_fsdp() and finished(resume):
-        # a sharded checkpoint cannot be reloaded without the Trainer, which would take one step past max_steps
-        raise SystemExit(f"train: {resume} is the end of run {fp['id']} already; under FSDP it cannot be reloaded without "
-                         f"training one step more. Delete {resume.parent} to train it again, or change a param")
-    if resume is not None and not is_fsdp() and finished(resume):
-        # a finished run's last checkpoint: Trainer.train would take one step past max_steps; load its weights instead
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-        from transformers import TrainerState
-        set_peft_model_state_dict(trainer.model, load_file(str(resume/"adapter_model.safetensors")))
-        trainer.state = TrainerState.load_from_json(str(resume/"trainer_state.json"))
-        try: trainer.state.log_history = json.loads((resume/FINAL_LOG).read_text())
-        except (OSError, ValueError): pass  # none (or cut short by a full disk): the checkpoint's own log stands
-        if main and (resume/FINAL_DVCLIVE).is_dir(): shutil.copytree(resume/FINAL_DVCLIVE, live_dir, dirs_exist_ok=True)
-        # evaluation turned on since the run ended (it is not in the fingerprint), or a run from before the final log was
-        # kept: evaluate now. Every rank decides from the same files, so under DDP all of them take part (evaluate is collective)
-        if cfg.train.eval_strategy != "no" and not any("eval_loss" in h and h.get("step") == trainer.state.global_step
-                                                       for h in trainer.state.log_history): trainer.evaluate()
-        train_loss = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h),
-                          None) or run_train_loss(trainer.state.log_history)
-        if main: print(f"train: {resume.name} is the end of this run: nothing left to train", file=sys.stderr)
-    else:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        # the Trainer's training_loss covers only this process's steps: on a resume, take the whole run's from the logs
-        train_loss = result.training_loss if resume is None else run_train_loss(trainer.state.log_history)
-    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    report = {"fingerprint": fp["id"], "resumed_from": str(resume.relative_to(root)) if resume else None,
-              "global_step": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
-              "train_loss": train_loss,
-              "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-              "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-              "quantization": cfg.model.quantization, "lengths": lengths, "processes": args.world_size,
-              "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-              "wall_s": round(time.time() - t0, 1)}
-    out = paths.adapter
-    if is_fsdp():  # gathering a sharded model is collective: every rank takes part, the Trainer writes on rank 0
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        if main and out.exists(): shutil.rmtree(out)
-        trainer.accelerator.wait_for_everyone()
-        trainer.save_model(str(out))
-    if not main: return report
-    if not is_fsdp():
+    lease = RunLease(root/f"run-{fp['id']}") if main else None  # rank 0 cleans and writes the run directory: it holds it
+    def decide():  # take the run directory (one writer at a time), then clean it and pick the checkpoint to resume
+        lease.acquire()
+        return plan_resume(root, fp, other_versions_ok=cfg.train.resume_other_versions, needs_final_adapter=is_fsdp())
+    try:
+        if args.world_size > 1:  # the process group exists now; every rank resumes what rank 0 decided
+            import torch.distributed as dist
+            ids = [None] * args.world_size
+            dist.all_gather_object(ids, fp["id"])  # each node hashed its own copy of the data and base: they must agree
+            same_run(ids)  # (every rank sees the same list, so all of them stop here: no rank waits for another)
+            try: decision = [decide() if main else None]
+            except ModelError as e: decision = [e]  # every rank stops with rank 0's reason, none waits for it
+            dist.broadcast_object_list(decision, src=0)
+            if isinstance(decision[0], Exception): raise decision[0]
+            resume = decision[0]
+        else: resume = decide()
+        train_rows, val_rows = read_jsonl(paths.final("train")), read_jsonl(paths.final("val"))
+        train_rows, lengths = fit_length(train_rows, token_lengths(train_rows, tok), cfg.train.max_length, cfg.train.overlong)
+        val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), cfg.train.max_length, cfg.train.overlong)
+        if lengths["overlong_rows"] and main:
+            print(f"train: {lengths['overlong_rows']} of {lengths['rows']} training rows exceed train.max_length="
+                  f"{cfg.train.max_length} tokens: {'dropped' if cfg.train.overlong == 'drop' else 'truncated'} "
+                  "(train.overlong)", file=sys.stderr)
+        model = load_base_model(cfg, paths, tokenizer=tok)
+        if cfg.model.quantization != "none" and not is_fsdp():  # under FSDP it would mix dtypes in a shard: TRL skips it there too
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        live_dir = paths.root/"dvclive"
+        compact_lm_head()
+        trainer = SFTTrainer(model=model, args=args,
+                             train_dataset=Dataset.from_list(training_rows(train_rows, tok)),
+                             eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
+                             processing_class=tok, peft_config=lora_config(cfg))
+        check_mask(trainer, tok, paths.root/"reports"/"train"/"mask_preview.md" if main else None)
+        if cfg.model.quantization != "none" and args.device.type == "cpu":
+            # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); on a CPU keep them fp32: 2.6x faster where compute is fp32
+            for p in trainer.model.parameters():
+                if p.requires_grad: p.data = p.data.float()
+        use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume) if main else None)
+        trainer.add_callback(CheckpointMarker(fp, live_dir))
+        final = root/f"run-{fp['id']}"/FINAL_ADAPTER  # under FSDP: the adapter gathered from the shards at the end of the run
+        if resume is not None and finished(resume):
+            # a finished run's last checkpoint: Trainer.train would take one step past max_steps; its state and logs are reused
+            from transformers import TrainerState
+            trainer.state = TrainerState.load_from_json(str(resume/"trainer_state.json"))
+            try: trainer.state.log_history = json.loads((resume/FINAL_LOG).read_text())
+            except (OSError, ValueError): pass  # none (or cut short by a full disk): the checkpoint's own log stands
+            if main and (resume/FINAL_DVCLIVE).is_dir(): shutil.copytree(resume/FINAL_DVCLIVE, live_dir, dirs_exist_ok=True)
+            if not is_fsdp():  # its weights (a sharded checkpoint cannot be reloaded without training: FSDP reuses `final`)
+                from peft import set_peft_model_state_dict
+                from safetensors.torch import load_file
+                set_peft_model_state_dict(trainer.model, load_file(str(resume/"adapter_model.safetensors")))
+                # evaluation turned on since the run ended (it is not in the fingerprint), or a run from before the final log
+                # was kept: evaluate now. Every rank decides from the same files, so under DDP all of them take part (evaluate
+                # is collective)
+                if cfg.train.eval_strategy != "no" and not any("eval_loss" in h and h.get("step") == trainer.state.global_step
+                                                               for h in trainer.state.log_history): trainer.evaluate()
+            train_loss = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h),
+                              None) or run_train_loss(trainer.state.log_history)
+            if main: print(f"train: {resume.name} is the end of this run: nothing left to train", file=sys.stderr)
+        else:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            # the Trainer's training_loss covers only this process's steps: on a resume, take the whole run's from the logs
+            train_loss = result.training_loss if resume is None else run_train_loss(trainer.state.log_history)
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        report = {"fingerprint": fp["id"], "resumed_from": str(resume.relative_to(root)) if resume else None,
+                  "global_step": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
+                  "train_loss": train_loss,
+                  "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+                  "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+                  "quantization": cfg.model.quantization, "lengths": lengths, "processes": args.world_size,
+                  "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                  "wall_s": round(time.time() - t0, 1)}
+        out = paths.adapter
+        if is_fsdp() and not (resume is not None and finished(resume)):
+            # gathering the shards is collective: every rank takes part; rank 0 keeps the adapter in the run directory, where a
+            # rerun of the finished run (a recovery after a preemption in a later stage) finds it
+            state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+            if main:
+                tmp = final.with_name(f".{FINAL_ADAPTER}.tmp")
+                if tmp.exists(): shutil.rmtree(tmp)
+                trainer.accelerator.unwrap_model(trainer.model_wrapped).save_pretrained(tmp, state_dict=state)
+                if final.exists(): shutil.rmtree(final)
+                os.replace(tmp, final)
+            trainer.accelerator.wait_for_everyone()
+        if not main: return report
         if out.exists(): shutil.rmtree(out)
-        trainer.model.save_pretrained(out)
-    tok.save_pretrained(out)
-    print(f"train: adapter written to {out.relative_to(paths.root)} by rank 0 of {args.world_size}", file=sys.stderr)
-    write_json(out/"llm_pipeline_train.json", {**report, "base": json.loads((paths.root/"models"/"base"/BASE_FILE).read_text())})
-    plot_losses(trainer.state.log_history, paths.root/"reports"/"train"/"loss.png")
-    write_json(paths.root/"reports"/"train"/"train.json", report)
-    return report
+        if is_fsdp(): shutil.copytree(final, out)
+        else: trainer.model.save_pretrained(out)
+        tok.save_pretrained(out)
+        print(f"train: adapter written to {out.relative_to(paths.root)} by rank 0 of {args.world_size}", file=sys.stderr)
+        write_json(out/"llm_pipeline_train.json", {**report, "base": json.loads((paths.root/"models"/"base"/BASE_FILE).read_text())})
+        plot_losses(trainer.state.log_history, paths.root/"reports"/"train"/"loss.png")
+        write_json(paths.root/"reports"/"train"/"train.json", report)
+        return report
+    finally:
+        if lease: lease.release()
+
