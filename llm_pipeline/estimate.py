@@ -15,8 +15,9 @@ from .tasks import CloudError
 
 # %% auto #0
 __all__ = ['SHAPES', 'LM_HEAD_TILE', 'WEIGHT_BYTES', 'OPTIM_BYTES', 'GIB', 'GPU_SPECS', 'ModelShape', 'model_shape',
-           'lora_params', 'optim_kind', 'MemoryEstimate', 'estimate_memory', 'estimate_for', 'estimate_eval',
-           'stage_estimates', 'sharded_estimate', 'gpu_spec', 'train_tokens', 'train_hours', 'gpu_options']
+           'weight_bytes', 'gpu_dtype', 'lora_params', 'optim_kind', 'MemoryEstimate', 'estimate_memory',
+           'estimate_for', 'estimate_eval', 'stage_estimates', 'sharded_estimate', 'gpu_spec', 'train_tokens',
+           'train_hours', 'gpu_options']
 
 # %% ../nbs/11a_estimate.ipynb #3b3f022c
 @dataclass(frozen=True)
@@ -75,6 +76,15 @@ WEIGHT_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "4bit-nodq": 0.5 + 4 / 64
 OPTIM_BYTES = {"adamw": 8.0, "adamw_8bit": 2.0, "sgd": 0.0}
 GIB = 2**30
 
+def weight_bytes(quantization: str, dtype: str = "bf16", double_quant: bool = True) -> float:
+    "Bytes per frozen linear weight: nf4 (with or without double quantization), int8, or the compute dtype."
+    if quantization == "4bit": return WEIGHT_BYTES["4bit" if double_quant else "4bit-nodq"]
+    return WEIGHT_BYTES["8bit" if quantization == "8bit" else dtype]
+
+def gpu_dtype(precision: str) -> str:
+    "The compute dtype `train.precision` means on a GPU (`auto` and `fp32` are estimated as bf16, a GPU's usual)."
+    return {"bf16": "bf16", "fp16": "fp16"}.get(precision, "bf16")
+
 def lora_params(shape: ModelShape, r: int, targets) -> int:
     "Trainable LoRA parameters: r × (in + out) for each targeted linear module of every layer."
     mods = shape.linear_shapes()
@@ -107,8 +117,7 @@ def estimate_memory(shape: ModelShape, quantization: str = "4bit", lora_r: int =
                     gradient_checkpointing: bool = True, optim: str = "paged_adamw_32bit",
                     dtype: str = "bf16", double_quant: bool = True) -> MemoryEstimate:
     "Peak GPU memory of LoRA / QLoRA training on one GPU (see the table above)."
-    wb = WEIGHT_BYTES[("4bit" if double_quant else "4bit-nodq") if quantization == "4bit" else
-                      "8bit" if quantization == "8bit" else dtype]
+    wb = weight_bytes(quantization, dtype, double_quant)
     act_b = 2 if dtype in ("bf16", "fp16") else 4
     h, i, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     trainable = lora_params(shape, lora_r, targets)
@@ -133,7 +142,7 @@ def estimate_memory(shape: ModelShape, quantization: str = "4bit", lora_r: int =
 def estimate_for(cfg: Config, root: Path | None = None, dtype: str | None = None) -> MemoryEstimate:
     "`estimate_memory` for a run's params."
     t, l = cfg.train, cfg.lora
-    dt = dtype or {"bf16": "bf16", "fp16": "fp16"}.get(t.precision, "bf16")
+    dt = dtype or gpu_dtype(t.precision)
     return estimate_memory(model_shape(cfg, root), cfg.model.quantization, l.r, l.target_modules, l.dropout,
                            l.modules_to_save, t.per_device_train_batch_size, t.max_length,
                            t.gradient_checkpointing, t.optim, dt)
@@ -144,7 +153,7 @@ def estimate_eval(shape: ModelShape, quantization: str = "4bit", lora_r: int = 6
                   prompt_len: int = 256, new_tokens: int = 96, val_batch: int = 4, seq_len: int = 1024,
                   dtype: str = "bf16") -> MemoryEstimate:
     "Peak GPU memory of `sanity_check`: one model at a time, as trained (a quantized run: its quantized base with the adapter)."
-    wb = WEIGHT_BYTES["4bit" if quantization == "4bit" else "8bit" if quantization == "8bit" else dtype]
+    wb = weight_bytes(quantization, dtype)
     act_b = 2 if dtype in ("bf16", "fp16") else 4
     h, L, V = shape.hidden, shape.layers, shape.vocab
     gen_tokens = batch * (prompt_len + new_tokens)
@@ -157,7 +166,7 @@ def estimate_eval(shape: ModelShape, quantization: str = "4bit", lora_r: int = 6
 def stage_estimates(cfg: Config, root: Path | None = None) -> dict:
     "GPU memory per stage that uses the GPU (train, sanity_check), and the RAM the merge takes (it runs on the CPU)."
     shape, t, l = model_shape(cfg, root), cfg.train, cfg.lora
-    dt = {"bf16": "bf16", "fp16": "fp16"}.get(t.precision, "bf16")
+    dt = gpu_dtype(t.precision)
     ev = estimate_eval(shape, cfg.model.quantization, l.r, l.target_modules, cfg.eval.batch_size, t.max_length // 2,
                        cfg.eval.max_new_tokens, t.per_device_eval_batch_size, t.max_length, dt)
     return {"train": estimate_for(cfg, root), "sanity_check": ev,

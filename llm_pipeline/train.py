@@ -12,9 +12,8 @@ from pathlib import Path
 from .config import Config, Paths
 from .distributed import grad_accumulation, world_size
 from .data import read_jsonl, write_json
-from .checkpoints import (FINAL_ADAPTER, FINAL_DVCLIVE, FINAL_LOG, CheckpointMarker, RunLease, finished, plan_resume,
-                                       run_fingerprint,
-                                       same_run)
+from .checkpoints import (FINAL_ADAPTER, FINAL_DVCLIVE, FINAL_LOG, CheckpointMarker, RunLease, finished,
+                                      plan_resume, run_fingerprint, same_run)
 from .model import (BASE_FILE, ModelError, chat_messages, is_fsdp, load_base_model, run_dtype,
                                  load_tokenizer, template_system)
 
@@ -248,7 +247,8 @@ def train(cfg: Config, paths: Paths) -> dict:
         use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume) if main else None)
         trainer.add_callback(CheckpointMarker(fp, live_dir))
         final = root/f"run-{fp['id']}"/FINAL_ADAPTER  # under FSDP: the adapter gathered from the shards at the end of the run
-        if resume is not None and finished(resume):
+        ended = resume is not None and finished(resume)  # a finished run, rerun
+        if ended:
             # a finished run's last checkpoint: Trainer.train would take one step past max_steps; its state and logs are reused
             from transformers import TrainerState
             trainer.state = TrainerState.load_from_json(str(resume/"trainer_state.json"))
@@ -281,7 +281,7 @@ def train(cfg: Config, paths: Paths) -> dict:
                   "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
                   "wall_s": round(time.time() - t0, 1)}
         out = paths.adapter
-        if is_fsdp() and not (resume is not None and finished(resume)):
+        if is_fsdp() and not ended:
             # gathering the shards is collective: every rank takes part; rank 0 keeps the adapter in the run directory, where a
             # rerun of the finished run (a recovery after a preemption in a later stage) finds it
             state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
