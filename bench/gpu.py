@@ -1,36 +1,69 @@
-"""QLoRA throughput on a Llama-2-7B-shaped model: our settings vs the 2023 reference recipe (bench/README.md).
+"""The GPU benchmark: the pipeline's own stages on a GPU, ours vs the 2023 recipe (bench/README.md, "gpu").
 
-    python bench/gpu.py [--json OUT] [--seqs 1024,2048] [--steps 6]        # on a GPU: < 8 min on an H100
-    python bench/gpu.py --device cpu --shape tiny                           # smoke test of the same code path
+    python bench/gpu.py                                   # on a GPU, within --time-budget (450 s)
+    python bench/gpu.py --device cpu --shape tiny --json OUT.json   # its smoke test: the same code on a CPU (~1 min)
 
-Nothing is downloaded or read from disk: the model is a randomly initialised Llama with the real 7B shapes (hidden
-4096, 32 layers, 32 heads, intermediate 11008, vocab 32000), its decoder linears quantized to 4 bit by bitsandbytes
-(a `Params4bit` quantizes itself when moved to the device), then wrapped with peft LoRA and trained on synthetic
-full-length token batches (no padding): `--warmup` steps, then `--steps` timed ones.
+Sections (`--sections`, in this order; each row is written to the JSON as soon as it is measured, so a run cut short
+keeps what it has; default JSON on a GPU: bench/results/<date>-<gpu>.json):
+- small: the whole pipeline (data, build_base, train, merge_model, sanity_check) on the tiny base, 4-bit, bf16, 12
+  steps, on the GPU: device placement, the 4-bit path, the merge and the evaluation, each stage's wall time.
+- pipeline: our `train` stage (`llm-pipeline train`) on a random base of the Llama-2-7B shape (hidden 4096, 32 layers,
+  32 heads, intermediate 11008, vocab 32000; written once as a local model folder, which `model.base` names) against
+  the 2023 recipe (`bench/reference_train.py`), at sequence 1024 and 2048, on the same synthetic rows (token lengths
+  uniform from a quarter of the sequence to all of it): tokens/s after warm-up, peak allocated, MFU, and the
+  estimator's peak for the same configuration next to the measured one.
+- levers: ours with Liger kernels, and ours padding-free (`train.packing: true`), at the longest sequence.
 
-The two sides (`SIDES`):
-- ours: what `params.yaml` with `preset: llama2-7b-chat` runs on a GPU: nf4 + double quantization, bf16 compute,
-  LoRA r 64 / alpha 16 / dropout 0.1 on all linear layers, adapters in bf16 (TRL's QLoRA cast), gradient
-  checkpointing (non-reentrant), SDPA attention, micro-batch 4, paged AdamW 32-bit.
-- reference: the 2023 pipeline's params.yaml / train.py on transformers 4.31-4.33 and TRL 0.7: nf4 without double
-  quantization, fp16 4-bit compute dtype under bf16 autocast, LoRA r 64 / alpha 16 / dropout 0.1 on peft's Llama
-  default (q_proj, v_proj), fp32 adapters, no gradient checkpointing, eager attention (SDPA came to Llama in 4.36),
-  batch 8, paged AdamW 32-bit.
-Both go through peft's `prepare_model_for_kbit_training` (norms, embeddings and head upcast to fp32), as TRL does
-for a 4-bit model. A configuration that runs out of memory is retried at half the micro-batch until batch 1; the row
-says which batch ran and that the asked one was OOM.
+The two recipes:
+- ours: `preset: llama2-7b-chat`'s keys: nf4 + double quantization, bf16 compute, LoRA r 64 / alpha 16 / dropout 0.1
+  on all linear layers, adapters in bf16 (TRL's QLoRA cast), gradient checkpointing (non-reentrant), SDPA attention,
+  micro-batch 4 (global batch 16), paged AdamW 32-bit, loss on assistant tokens.
+- reference: the 2023 pipeline's params.yaml / train.py on transformers 4.31-4.33 and TRL 0.7 (`GPU_2023` in
+  reference_train.py): nf4 without double quantization, fp16 4-bit compute dtype under bf16 autocast, LoRA r 64 /
+  alpha 16 / dropout 0.1 on peft's Llama default (q_proj, v_proj), fp32 adapters, no gradient checkpointing, eager
+  attention (SDPA came to Llama in 4.36), batch 8, paged AdamW 32-bit, pad = EOS, loss on every token.
+Each configuration trains in its own process; one that runs out of memory is retried at half the micro-batch down to
+1 (ours keeps its global batch), and the row says which batch ran.
 
-Figures per (side, sequence length):
-- tokens/s: batch x seq x timed steps / their wall time (forward, backward, optimizer step; synchronised).
-- peak GB: `torch.cuda.max_memory_allocated` over warmup and timed steps (weights included).
-- MFU: model FLOPs/s over the GPU's peak dense bf16 FLOPs (`llm_pipeline.estimate.GPU_SPECS`; unknown GPU: None). Model FLOPs per
-  token = 4 * N_frozen (forward 2N + input-gradient 2N; no weight gradients for the frozen 4-bit base and head)
-  + 6 * N_lora (trainable adapters: forward, input and weight gradients) + 12 * L * d * s (attention scores and
-  values, forward + backward, PaLM's convention, not halved for causal masking). Gradient-checkpointing recompute
-  is not model FLOPs and is not counted, so it lowers MFU: that is the point of the figure.
+Figures per row:
+- tokens/s: non-pad tokens of the micro-batches after the first 16 rows (one optimizer step of ours), over the time
+  from the first of them to the last one's start (synchronised): forward, backward, optimizer steps.
+- peak allocated GiB: `torch.cuda.max_memory_allocated` of the process (weights included). It does not see a paged
+  optimizer's state (bitsandbytes keeps it in CUDA managed memory: 8 bytes per trainable parameter), so the estimate
+  is compared without that term too (`estimate_allocated_gib_without_paged_state`).
+- MFU: model FLOPs/s over the GPU's peak dense bf16 FLOPs (`llm_pipeline.estimate.GPU_SPECS`; unknown GPU: None).
+  Model FLOPs per token = 4 N_frozen (forward 2N + input gradients 2N; no weight gradients for the frozen 4-bit base
+  and head) + 6 N_lora + 12 L d s (attention, forward and backward, PaLM's convention). Gradient-checkpointing
+  recompute is not model FLOPs, so it lowers MFU: that is the point of the figure.
+
+The GPU machine (FINDINGS.md, "The GPU test machine") has torch, transformers, peft, accelerate, pyarrow, pandas,
+PyYAML; it has no network. The rest travels as wheels (GPU_WHEELS below, 52 MB for Python 3.12), fetched here with
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl $(python bench/gpu.py --wheels)
+and installed there with
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 """
 from __future__ import annotations
-import argparse, gc, json, math, os, platform, resource, sys, time
+import argparse, json, os, platform, resource, sys, time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH/"results"
+
+# What the GPU machine lacks, pinned to the versions the project's lock installs here (a test holds them equal): found by
+# running this script's --device cpu smoke run in a venv holding only the GPU machine's packages plus these; 52 MB
+# for Python 3.12 (bitsandbytes is 43 of it). liger-kernel (Triton) is only exercised on a GPU.
+GPU_WHEELS = (
+    "annotated-types==0.8.0", "atpublic==9.0.0", "bitsandbytes==0.50.2", "configobj==5.0.9", "datasets==5.0.1",
+    "dill==0.4.1", "diskcache==5.6.3", "dpath==2.2.0", "dulwich==1.2.21", "dvc-data==3.18.3", "dvc-http==2.32.0",
+    "dvc-objects==5.2.0", "dvc-render==1.0.2", "dvc-studio-client==0.23.0", "dvc==3.67.1", "dvclive==3.49.1",
+    "flatten-dict==0.5.0", "flufl-lock==9.2.0", "funcy==2.1", "liger-kernel==0.8.5", "multiprocess==0.70.19",
+    "orjson==3.13.0", "platformdirs==4.14.9", "pydantic-core==2.50.5", "pydantic==2.14.4", "pygtrie==2.6.2",
+    "ruamel-yaml==0.19.1", "scmrepo==3.6.2", "sqltrie==0.11.3", "trl==1.16.0", "typing-inspection==0.4.5",
+    "voluptuous==0.16.0", "zc-lockfile==4.0",
+)
 
 SHAPES = {
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -38,12 +71,8 @@ SHAPES = {
     "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=512),
 }
-SIDES = {
-    "ours": dict(double_quant=True, compute_dtype="bfloat16", r=64, alpha=16, dropout=0.1, targets="all-linear",
-                 adapter_dtype="bfloat16", grad_ckpt=True, attn="sdpa", batch=4),
-    "reference": dict(double_quant=False, compute_dtype="float16", r=64, alpha=16, dropout=0.1, targets=["q_proj", "v_proj"],
-                      adapter_dtype="float32", grad_ckpt=False, attn="eager", batch=8),
-}
+
+
 def peak_tflops(name: str) -> float | None:
     "Dense bf16 peak of a CUDA device name, from the estimate's one table of GPUs (`llm_pipeline.estimate.GPU_SPECS`)."
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -55,194 +84,77 @@ def peak_tflops(name: str) -> float | None:
     return spec[0] if spec else None
 
 
-def build_model(shape: str, side: dict, device):
-    "A random Llama of `shape` on `device` whose decoder linears are bnb nf4 `Linear4bit`s, prepared for k-bit training."
-    import torch, bitsandbytes as bnb
-    from peft import prepare_model_for_kbit_training
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)
-    cfg._attn_implementation = side["attn"]
-    compute = getattr(torch, side["compute_dtype"])
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device (13.5 GB for 7B), then quantized layer by layer
-    try:
-        with torch.device(device): model = LlamaForCausalLM(cfg)
-    finally: torch.set_default_dtype(default)
-    for parent in list(model.model.layers.modules()):
-        for name, lin in list(parent.named_children()):
-            if type(lin) is not torch.nn.Linear: continue
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute,
-                                  compress_statistics=side["double_quant"], quant_type="nf4", device="meta")
-            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=side["double_quant"],
-                                         quant_type="nf4", module=q).to(device)  # quantizes here
-            if lin.bias is not None: q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
-            setattr(parent, name, q)
-            del lin
-    model.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets; peft reads it
-    gc.collect()
-    if device.type == "cuda": torch.cuda.empty_cache()
-    # as TRL (0.7 and 1.x alike) does for a 4-bit model: freeze, upcast non-quantized params to fp32, checkpointing if asked
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=side["grad_ckpt"],
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not side["grad_ckpt"]: model.gradient_checkpointing_disable()
-    return model
-
-
-def add_lora(model, side: dict):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    model = get_peft_model(model, LoraConfig(r=side["r"], lora_alpha=side["alpha"], lora_dropout=side["dropout"],
-                                             target_modules=side["targets"], bias="none", task_type="CAUSAL_LM"))
-    for p in model.parameters():
-        if p.requires_grad: p.data = p.data.to(getattr(torch, side["adapter_dtype"]))
-    return model
-
-
-def flop_counts(model, shape: str) -> dict:
-    "N_frozen (4-bit decoder linears + head, as matmul params), N_lora (trainable), and the attention term's L * d."
-    import bitsandbytes as bnb
-    n_frozen = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-    n_frozen += SHAPES[shape]["vocab_size"] * SHAPES[shape]["hidden_size"]  # lm_head, frozen
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"n_frozen": n_frozen, "n_lora": n_lora, "Ld": SHAPES[shape]["num_hidden_layers"] * SHAPES[shape]["hidden_size"]}
-
-
-def make_optimizer(model, device):
-    "Paged AdamW 32-bit (both recipes); torch AdamW where bitsandbytes cannot page (CPU smoke runs)."
-    import torch
-    params = [p for p in model.parameters() if p.requires_grad]
-    if device.type == "cuda":
-        import bitsandbytes as bnb
-        return bnb.optim.PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0), "paged_adamw_32bit"
-    return torch.optim.AdamW(params, lr=2e-4), "adamw_torch"
-
-
-def run_config(model, opt, batch: int, seq: int, warmup: int, steps: int, device, vocab: int, deadline: float) -> dict:
-    "Train `warmup` + `steps` steps on random full-length batches; tokens/s of the timed steps and peak memory."
-    import torch
-    cuda = device.type == "cuda"
-    if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    g = torch.Generator(device="cpu").manual_seed(seq)
-    model.train()
-    t0, done = None, 0
-    for i in range(warmup + steps):
-        if i == warmup:
-            if cuda: torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step(); opt.zero_grad(set_to_none=True)
-        if i >= warmup: done += 1
-        if i >= warmup and time.monotonic() > deadline: break  # keep the whole script inside its time budget
-    if cuda: torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    out = {"batch": batch, "seq": seq, "timed_steps": done, "timed_s": round(dt, 3), "tokens_per_s": batch * seq * done / dt,
-           "loss": float(loss.detach())}
-    out["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    gc.collect()
-    if cuda: torch.cuda.empty_cache()
-    return out
-
-
-def is_oom(e: BaseException) -> bool:
-    import torch
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def bench_side(name: str, shape: str, seqs: list[int], warmup: int, steps: int, device, peak, deadline: float,
-               batch: int | None = None, on_row=lambda row: None) -> list[dict]:
-    import torch
-    side = dict(SIDES[name])
-    rows = []
-    try:
-        t = time.perf_counter()
-        model = add_lora(build_model(shape, side, device), side)
-        build_s = time.perf_counter() - t
-        # one optimizer per side, reused across sequence lengths and OOM retries: bitsandbytes never frees a paged buffer
-        # (CUDA managed memory, about 1.3 GB of Adam state here), so an optimizer per configuration would leak one each
-        opt, opt_name = make_optimizer(model, device)
-    except Exception as e:
-        kind = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
-        rows = [{"side": name, "seq": s, "status": f"build {kind}"} for s in seqs]
-        for r in rows: on_row(r)
-        return rows
-    counts = flop_counts(model, shape)
-    for seq in seqs:
-        asked = batch or side["batch"]
-        b, row = asked, None
-        while b >= 1:
-            if time.monotonic() > deadline: row = {"status": "skipped (time budget)"}; break
-            oom = False
-            try:
-                row = {"status": "ok", "optimizer": opt_name,
-                       **run_config(model, opt, b, seq, warmup, steps, device, SHAPES[shape]["vocab_size"], deadline)}
-                break
-            except Exception as e:
-                if not is_oom(e): row = {"status": f"error: {type(e).__name__}: {str(e)[:200]}"}; break
-                oom = True
-            if oom:  # outside the except block, so the failed step's frames (and their activations) are gone
-                opt.zero_grad(set_to_none=True); model.zero_grad(set_to_none=True); gc.collect()
-                if device.type == "cuda": torch.cuda.empty_cache()
-                b //= 2
-        if row is None: row = {"status": "OOM at batch 1"}
-        if row.get("status") == "ok":
-            if row["batch"] != asked: row["status"] = f"ok at batch {row['batch']} (batch {asked}: OOM)"
-            fpt = 4 * counts["n_frozen"] + 6 * counts["n_lora"] + 12 * counts["Ld"] * seq
-            row["model_tflops_per_token"] = fpt / 1e12
-            row["mfu"] = fpt * row["tokens_per_s"] / (peak * 1e12) if peak else None
-        rows.append({"side": name, "seq": seq, "asked_batch": asked, "build_s": round(build_s, 1), **counts, **row})
-        print(json.dumps(rows[-1]), flush=True)
-        on_row(rows[-1])
-    del model, opt; gc.collect()
-    if device.type == "cuda": torch.cuda.empty_cache()
-    return rows
+def default_json(device_name: str) -> str:
+    "bench/results/<date>-<gpu>.json, e.g. 2026-12-07-nvidia-h200.json."
+    slug = "-".join("".join(c if c.isalnum() else " " for c in device_name.lower()).split())
+    return str(RESULTS/f"{time.strftime('%Y-%m-%d')}-{slug}.json")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", choices=SHAPES, default="7b")
+    ap.add_argument("--sections", default="small,pipeline,levers", help="comma-separated, run in this order: small, pipeline, levers")
     ap.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default 1024,2048; tiny: 64,128)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per config (default 2; tiny: 1)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per config (default 6; tiny: 2)")
     ap.add_argument("--sides", default="ours,reference")
-    ap.add_argument("--batch", type=int, default=None, help="micro-batch for every side (default: each recipe's own)")
-    ap.add_argument("--time-budget", type=float, default=420, help="seconds; configs past it are reported as skipped")
-    ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--time-budget", type=float, default=450, help="seconds; configurations past it are reported as skipped")
+    ap.add_argument("--json", default=None, help="write the rows here (default on a GPU: bench/results/<date>-<gpu>.json)")
+    ap.add_argument("--wheels", action="store_true", help="print the wheels the GPU machine needs (GPU_WHEELS), then exit")
+    ap.add_argument("--work", default=None, help="scratch folder for the random base and the runs (default: a temp dir, removed)")
     a = ap.parse_args(argv)
-    if (a.steps is not None and a.steps < 1) or (a.warmup is not None and a.warmup < 0):
-        ap.error("--steps must be at least 1 (the timed steps) and --warmup at least 0")
-    if a.batch is not None and a.batch < 1: ap.error("--batch must be at least 1")
+    if a.wheels: print(" ".join(GPU_WHEELS)); return None
+    sections = a.sections.split(",")
+    if bad := [x for x in sections if x not in ("small", "pipeline", "levers")]:
+        ap.error(f"--sections: unknown {', '.join(bad)} (small, pipeline, levers)")
     tiny = a.shape == "tiny"
     try: seqs = [int(s) for s in (a.seqs or ("64,128" if tiny else "1024,2048")).split(",")]
     except ValueError: ap.error(f"--seqs takes comma-separated integers, e.g. 1024,2048 (got {a.seqs!r})")
     if any(s < 2 for s in seqs): ap.error("--seqs: every sequence length must be at least 2")
     import torch
-    warmup = a.warmup if a.warmup is not None else (1 if tiny else 2)
-    steps = a.steps if a.steps is not None else (2 if tiny else 6)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available(): sys.exit("bench/gpu.py: no CUDA device (use --device cpu --shape tiny for a smoke run)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     peak = peak_tflops(name) if device.type == "cuda" else None
+    json_path = a.json or (default_json(name) if device.type == "cuda" else None)
     t0 = time.monotonic()
     deadline = t0 + a.time_budget
-    print(f"bench/gpu.py: {name}, peak bf16 {peak} TFLOPs, shape {a.shape}, seqs {seqs}", flush=True)
-    res = {"device": name, "peak_bf16_tflops": peak, "shape": a.shape, "torch": torch.__version__, "rows": [], "complete": False}
+    print(f"bench/gpu.py: {name}, peak bf16 {peak} TFLOPs, shape {a.shape}, seqs {seqs}, sections {sections}", flush=True)
+    res = {"date": time.strftime("%Y-%m-%d"), "device": name, "peak_bf16_tflops": peak, "shape": a.shape,
+           "torch": torch.__version__, "sections": sections, "rows": [], "complete": False}
+    for mod in ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger_kernel"):
+        try: res[mod] = __import__(mod).__version__
+        except Exception: res[mod] = None
     def save(row=None):  # after every row, so a run cut short (a killed job, a lost machine) keeps what it measured
         if row is not None: res["rows"].append(row)
         res["wall_s"] = round(time.monotonic() - t0, 1)
         if device.type != "cuda": res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if a.json:  # atomically: a run killed while writing leaves the previous rows, not a truncated file
-            with open(a.json + ".tmp", "w") as f: f.write(json.dumps(res, indent=1) + "\n")
-            os.replace(a.json + ".tmp", a.json)
-    for s in a.sides.split(","):
-        bench_side(s, a.shape, seqs, warmup, steps, device, peak, deadline, a.batch, on_row=save)
+        if json_path:  # atomically: a run killed while writing leaves the previous rows, not a truncated file
+            os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+            with open(json_path + ".tmp", "w") as f: f.write(json.dumps(res, indent=1) + "\n")
+            os.replace(json_path + ".tmp", json_path)
+    import tempfile, shutil
+    work = Path(a.work or tempfile.mkdtemp(prefix="llm-pipeline-gpu-"))
+    sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(BENCH))
+    import gpu_pipeline as gp
+    try:
+        for section in sections:
+            if time.monotonic() > deadline: save({"section": section, "status": "skipped (time budget)"}); continue
+            try:
+                if section == "small":
+                    save(gp.small_pipeline(a.device, work))
+                    print(json.dumps(res["rows"][-1]), flush=True)
+                elif section == "pipeline" or (section == "levers" and "pipeline" not in sections):
+                    gp.pipeline_rows(a.shape, SHAPES[a.shape], seqs, a.device, work/section, deadline, peak,
+                                     a.sides.split(",") if section == "pipeline" else [], levers="levers" in sections,
+                                     on_row=save)
+            except Exception as e:  # one broken section must not cost the others
+                import traceback; traceback.print_exc()
+                save({"section": section, "status": f"error: {type(e).__name__}: {str(e)[:300]}"})
+    finally:
+        if a.work is None: shutil.rmtree(work, ignore_errors=True)
     res["complete"] = True
     save()
-    print(f"bench/gpu.py: done in {res['wall_s']} s", flush=True)
+    print(f"bench/gpu.py: done in {res['wall_s']} s" + (f", {json_path}" if json_path else ""), flush=True)
     return res
 
 

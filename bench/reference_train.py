@@ -26,12 +26,20 @@ Left out: `load_best_model_at_end` (it would pick the adapter by eval loss on th
 measured on) and the reference's lr 2e-4 constant / 2 epochs (the benchmark compares at our lr and epochs).
 """
 from __future__ import annotations
-import json, sys
+import json, os, sys
 from pathlib import Path
 
 REFERENCE = {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "eval_strategy": "steps", "eval_steps": 10,
              "train_sampling_strategy": "group_by_length", "packing": False, "assistant_only_loss": False,
              "completion_only_loss": False}
+
+
+# With `model.quantization: 4bit` (bench/gpu.py), the 2023 QLoRA recipe where it differs from ours: nf4 without
+# double quantization and an fp16 compute dtype (under bf16 autocast), LoRA on peft's Llama default (q_proj, v_proj) with
+# fp32 adapters, no gradient checkpointing, eager attention (SDPA came to Llama in transformers 4.36)
+GPU_2023 = {"quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
+                             "bnb_4bit_compute_dtype": "float16"},
+            "target_modules": ["q_proj", "v_proj"], "attn": "eager"}
 
 
 class EosMaskingCollator:
@@ -52,31 +60,45 @@ def main(run_dir: str | Path) -> dict:
     from trl import SFTConfig, SFTTrainer
     from llm_pipeline.config import Paths, load_params
     from llm_pipeline.data import read_jsonl
-    from llm_pipeline.model import run_dtype
+    from llm_pipeline.model import base_source, run_dtype
     from llm_pipeline.train import fit_length, global_step_dvclive_callback, lora_config, token_lengths, use_dvclive
     run_dir = Path(run_dir).resolve()
     cfg, paths = load_params(run_dir/"params.yaml"), Paths(run_dir)
     t = cfg.train
-    base = run_dir/"models"/"base"
-    tok = AutoTokenizer.from_pretrained(base, padding_side="right")
+    src, kw = base_source(cfg, paths)  # models/base, or a local base's own folder
+    tok = AutoTokenizer.from_pretrained(src, padding_side="right", **kw)
     # the same rows as ours: token lengths under the real tokenizer, over-long rows dropped the same way
     train_rows, rep = fit_length(read_jsonl(paths.final("train")), token_lengths(read_jsonl(paths.final("train")), tok), t.max_length, t.overlong)
     val_rows, _ = fit_length(read_jsonl(paths.final("val")), token_lengths(read_jsonl(paths.final("val")), tok), t.max_length, t.overlong)
     tok.pad_token = tok.eos_token  # the reference: pad = EOS
     dtype = run_dtype(cfg)  # as ours: so the comparison is of the recipes, not of the precision
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map={"": "cpu"})
+    qlora = cfg.model.quantization == "4bit"  # bench/gpu.py: the 2023 QLoRA recipe (its --device cpu smoke run too)
+    cuda = torch.cuda.is_available()
+    if qlora:
+        from transformers import BitsAndBytesConfig
+        kw = {**kw, "quantization_config": BitsAndBytesConfig(**GPU_2023["quantization"]), "attn_implementation": GPU_2023["attn"]}
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map={"": 0 if cuda else "cpu"}, **kw)
     model.config.use_cache = False
     shared = {k: getattr(t, k) for k in ("num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps",
                                          "weight_decay", "max_grad_norm", "optim", "max_length", "save_steps", "logging_steps",
                                          "gradient_checkpointing")}
-    args = SFTConfig(output_dir=str(run_dir/"checkpoints"), **shared, **REFERENCE, save_strategy="steps", save_total_limit=1,
+    lora = lora_config(cfg)
+    if qlora:
+        shared["gradient_checkpointing"] = False
+        lora.target_modules = set(GPU_2023["target_modules"])
+    ref = {**REFERENCE, "per_device_train_batch_size":  # bench/gpu.py halves it after an OOM
+           int(os.environ.get("LLM_PIPELINE_BENCH_REFERENCE_BATCH", REFERENCE["per_device_train_batch_size"]))}
+    args = SFTConfig(output_dir=str(run_dir/"checkpoints"), **shared, **ref, save_strategy="steps", save_total_limit=1,
                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                     seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, report_to=["dvclive"], logging_first_step=True,
+                     seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda, report_to=["dvclive"], logging_first_step=True,
                      dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=lora_config(cfg),
+    trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
                          train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
                          eval_dataset=Dataset.from_list([{"messages": r["messages"]} for r in val_rows]),
                          data_collator=EosMaskingCollator(tok.pad_token_id))
+    if qlora:  # TRL 1.x casts a 4-bit model's adapters to bf16; TRL 0.7 on the reference's transformers kept them in fp32
+        for p in trainer.model.parameters():
+            if p.requires_grad: p.data = p.data.float()
     use_dvclive(trainer, global_step_dvclive_callback(run_dir/"dvclive", None))  # logging like ours, into RUN_DIR
     result = trainer.train()
     trainer.model.save_pretrained(run_dir/"models"/"adapter")

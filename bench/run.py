@@ -22,11 +22,14 @@ Sections:
   params seed), so the medians are over seeds. `--variants` adds rows for "before" variants and params alternatives.
   `--train-base smollm2-135m`: the same on the embedded real model with its own recipe, plus each adapter's held-out
   identity, leak, stop rate and retention (bench/train_side.py held-out), against the real-model targets.
+- levers: the CPU levers on the embedded base, 10 training steps each, each against ours as params.yaml runs it
+  (bf16, the compact LM head, group_by_length: the run without each) and two not adopted (dataloader workers,
+  torch.compile: the run with each): tokens/s after warm-up, Trainer.train() and stage wall, peak RSS.
 - overhead: a no-op `dvc repro` of a copy of the project (reproduced once, with a 5-step training) vs DVC's own floor
   (as many `echo` stages chained by deps); then, for one key of every params section, the stages `dvc status` marks
   changed and the ones `dvc repro` would rerun (with their downstream), checked against the rule "data params never
   rerun build_base; training params never rerun data stages" (a second table; violations are reported, not raised).
-- gpu: bench/gpu.py (QLoRA on a Llama-2-7B-shaped model, ours vs the 2023 recipe: tokens/s, peak memory, MFU) when
+- gpu: bench/gpu.py (the pipeline on a GPU: the tiny base in 4 bit; ours vs the 2023 recipe on a Llama-2-7B shape: tokens/s, peak memory, MFU, the estimate) when
   torch sees a CUDA device; skipped otherwise.
 
 Durations on 2 quiet cores (2026-11-28): data 2.5 min, json 2 min (2 reps; the 500 MB file is generated once into bench/.cache/, 1 min), train 3 x (ours 2.7 + reference 3.8 + val losses 0.7) min, overhead 2 min.
@@ -44,7 +47,7 @@ from llm_pipeline.testing import dvc, dvc_env, tiny_raw
 BENCH = ROOT/"bench"
 CACHE = BENCH/".cache"
 PY = sys.executable
-SECTIONS = ("data", "json", "train", "overhead", "gpu")
+SECTIONS = ("data", "json", "train", "levers", "overhead", "gpu")
 
 
 def generate_orca(path: Path, rows: int, seed: int = 0, group: int = 10_000) -> Path:
@@ -162,6 +165,17 @@ OURS_ONE_PROCESS = OURS.replace("from llm_pipeline.data import process_orca_data
 assert OURS_ONE_PROCESS != OURS
 
 
+# the floor of a random 10% subset, which touches every row group: decoding every row group (every column) in one
+# process, each dropped once decoded, with no row converted or written (one read_table of the whole file is slower:
+# it materialises 4 GB)
+DECODE_FLOOR = """
+import sys
+import pyarrow.parquet as pq
+f = pq.ParquetFile(sys.argv[1])
+for i in range(f.num_row_groups): f.read_row_group(i)
+"""
+
+
 def bench_data(rows: int, reps: int) -> list[dict]:
     from llm_pipeline.data import ParquetSource
     src = CACHE/f"orca-{rows}.parquet"
@@ -170,6 +184,7 @@ def bench_data(rows: int, reps: int) -> list[dict]:
     for n in (200, min(100_000, rows // 10)):
         sides = {"ours": OURS, "reference": REFERENCE}
         if n >= ParquetSource.FEW and ParquetSource.WORKERS > 1: sides["ours, in one process"] = OURS_ONE_PROCESS
+        if n >= ParquetSource.FEW: sides["decoding every row group, one process: the floor"] = DECODE_FLOOR
         runs = {s: [] for s in sides}
         for _ in range(reps):  # alternating, so drift in the machine hits both sides alike
             for side, code in sides.items():
@@ -473,7 +488,7 @@ def bench_gpu(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
         return [], {"skipped": "no CUDA device"}
     tmp.mkdir(parents=True, exist_ok=True)
     out = tmp/"gpu.json"
-    argv = [PY, BENCH/"gpu.py", "--json", out] + (["--seqs", "1024", "--steps", "2", "--time-budget", "150"] if quick else [])
+    argv = [PY, BENCH/"gpu.py", "--json", out] + (["--seqs", "1024", "--sections", "small,pipeline", "--time-budget", "200"] if quick else [])
     try: rc = subprocess.run([str(a) for a in argv], env=bench_env(), timeout=600).returncode
     except subprocess.TimeoutExpired: rc = "a timeout (600 s)"
     if not out.exists(): return [], {"error": f"bench/gpu.py ended with {rc} before its first row"}
@@ -484,18 +499,62 @@ def bench_gpu(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
 
 
 def gpu_rows(res: dict) -> list[dict]:
-    "Table rows from bench/gpu.py's JSON: tokens/s, peak GB and MFU per sequence length (a status string where not ok)."
-    by = {(x["side"], x["seq"]): x for x in res["rows"]}
+    "Table rows from bench/gpu.py's JSON: tokens/s, peak GiB and MFU per sequence length (a status string where not ok)."
+    by = {(x.get("side"), x.get("seq")): x for x in res["rows"] if x.get("section") in ("pipeline", "levers")}
     val = lambda x, k: x.get(k) if x.get("status", "").startswith("ok") else x.get("status")
     rows = []
-    for seq in sorted({x["seq"] for x in res["rows"]}):
-        o, f = by.get(("ours", seq), {}), by.get(("reference", seq), {})
+    for (side, seq), o in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0] != "ours")):
+        if side == "reference": continue
+        f = by.get(("reference", seq), {})
         bs = f"batch {o.get('batch', o.get('asked_batch'))} vs {f.get('batch', f.get('asked_batch'))}"
-        name = f"QLoRA {res['shape']}-shape, seq {seq}, {bs} ({res['device']})"
+        name = f"QLoRA {res['shape']}-shape, {side}, seq {seq}, {bs} ({res['device']})"
         rows += [row("gpu", f"{name}: tokens/s", val(o, "tokens_per_s"), val(f, "tokens_per_s"), 0),
-                 row("gpu", f"{name}: peak allocated GB", val(o, "peak_gb"), val(f, "peak_gb"), 2),
-                 row("gpu", f"{name}: MFU", val(o, "mfu"), val(f, "mfu"), 3)]
+                 row("gpu", f"{name}: peak allocated GiB", val(o, "peak_allocated_gib"), val(f, "peak_allocated_gib"), 2),
+                 row("gpu", f"{name}: MFU", val(o, "mfu"), val(f, "mfu"), 3),
+                 row("gpu", f"{name}: estimate / measured peak", val(o, "estimate_over_measured"), val(f, "estimate_over_measured"), 2)]
     return rows
+
+
+# -------------------------------------------------------------------------------------------------------------- levers
+# CPU levers on the real base, each against ours as params.yaml runs it: (label, the side without the lever, its params)
+LEVERS = {"bf16 on a CPU with native bf16": ("ours", {"train": {"precision": "fp32"}}),         # adopted (precision: auto)
+          "compact LM head": ("ours-full-head", {}),                                             # adopted (compact_lm_head)
+          "group_by_length": ("ours", {"train": {"train_sampling_strategy": "random"}})}        # adopted (random: more padding)
+TRIALS = {"dataloader workers 2": ("ours-sft:dataloader_num_workers=2", {}),                     # not in ours: measured with it
+          "torch.compile": ("ours-sft:torch_compile=true", {})}
+
+
+def bench_levers(reps: int, steps: int, tmp: Path) -> tuple[list[dict], dict]:
+    "Ours on the embedded base for `steps` steps against the same run without each lever (or with each trial), alternating."
+    sys.path.insert(0, str(BENCH))
+    import yaml
+    from gpu_pipeline import steady
+    base = tmp/"base"
+    prepare_train_project(base, "smollm2-135m")
+    over = {"train": {"max_steps": steps, "eval_strategy": "no", "save_steps": 100000}, "seed": 42}
+    sides = {"ours": ("ours", {}), **{f"{k}: without": v for k, v in LEVERS.items()}, **{f"{k}: with": v for k, v in TRIALS.items()}}
+    runs = {k: [] for k in sides}
+    for rep in range(reps):
+        for name, (kind, ov) in sides.items():  # alternating
+            rd = make_run(base, tmp/f"lever-{re.sub(r'[^A-Za-z0-9]+', '-', name)}-{rep}", deep_merge(over, ov))
+            try:
+                wall, rss = measure_argv([PY, BENCH/"train_side.py", kind, rd, rd/"stats.json"])
+                st = json.loads((rd/"stats.json").read_text())
+                batch = parse_params(yaml.safe_load((rd/"params.yaml").read_text())).train.per_device_train_batch_size
+                runs[name].append({"tokens_per_s": steady(st, batch)[0], "train_s": st["train_s"], "stage_wall_s": wall,
+                                   "peak_rss_mb": rss, "tokens": st["tokens"], "slots": st["slots"]})
+            except RuntimeError as e:
+                runs[name].append({"error": str(e).strip().splitlines()[-1][:300]})
+            print(f"  {name}: {runs[name][-1]}", flush=True)
+    med = lambda name, k: (statistics.median(r[k] for r in runs[name]) if all(k in r for r in runs[name])
+                           else runs[name][-1].get("error"))
+    rows = []
+    for label in (*LEVERS, *TRIALS):
+        with_, without = ("ours", f"{label}: without") if label in LEVERS else (f"{label}: with", "ours")
+        for k, what, d in (("tokens_per_s", "non-pad tokens/s after warm-up", 1), ("train_s", "Trainer.train() s", 1),
+                           ("stage_wall_s", "stage wall s", 1), ("peak_rss_mb", "peak RSS MB", 0)):
+            rows.append(row("levers", f"{label} [with / without], {steps} steps: {what}", med(with_, k), med(without, k), d))
+    return rows, {"reps": reps, "steps": steps, "runs": runs}
 
 
 # ---------------------------------------------------------------------------------------------------------------- main
@@ -523,6 +582,7 @@ def main():
     ap.add_argument("--json-mb", type=int, default=None, help="size of the generated ShareGPT JSON array (default 500; --quick: 50)")
     ap.add_argument("--json-subset", type=int, default=1000, help="conversations the json section takes from it (default 1000)")
     ap.add_argument("--train-reps", type=int, default=None, help="training runs per side (default 3)")
+    ap.add_argument("--lever-reps", type=int, default=None, help="levers: runs per side (default 1; 10 steps each, about 2 min a run)")
     ap.add_argument("--overhead-reps", type=int, default=None, help="no-op dvc repro runs per side (default 5)")
     ap.add_argument("--variants", default="", help="comma-separated training variants to add: " + ", ".join(
         f"{k} ({v[0]})" for k, v in TRAIN_VARIANTS.items()) + "; packing is slow on a CPU (about 4x ours)")
@@ -551,6 +611,8 @@ def main():
             elif section == "train":
                 r, extra["training" if a.train_base == "tiny" else f"training_{a.train_base}"] = bench_train(
                     train_reps, q, variants, tmp/"train", a.same_seed, a.train_base); rows += r
+            elif section == "levers":
+                r, extra["levers"] = bench_levers(a.lever_reps or 1, 4 if q else 10, tmp/"levers"); rows += r
             elif section == "overhead":
                 r, extra["params_sensitivity"], extra["overhead"] = bench_overhead(overhead_reps, tmp/"overhead"); rows += r
             elif section == "gpu":

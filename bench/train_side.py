@@ -2,6 +2,8 @@
 
     python bench/train_side.py ours RUN_DIR OUT.json        # our `train` stage (llm-pipeline train --params RUN_DIR/params.yaml)
     python bench/train_side.py ours-full-head RUN_DIR OUT.json   # the same without `compact_lm_head` (the "before" of that change)
+    python bench/train_side.py ours-liger RUN_DIR OUT.json  # ours with Liger kernels (a GPU lever: bench/gpu.py)
+    python bench/train_side.py ours-sft:KEY=JSON,... RUN_DIR OUT.json   # ours with SFTConfig settings (run.py --only levers)
     python bench/train_side.py reference RUN_DIR OUT.json   # bench/reference_train.py: the 2023 trainer configuration
     python bench/train_side.py val-loss RUN_DIR OUT.json    # the adapter in RUN_DIR/models/adapter, measured on data/final/val.jsonl
     python bench/train_side.py eval-base RUN_DIR OUT.json   # a real base's held-out metrics, as `sanity_check` measures them
@@ -11,7 +13,9 @@ Both training sides run with the same instrumentation of transformers' `Trainer`
 - `train_s`: wall time of `Trainer.train()` (model loading and dataset tokenization happen before it; evaluations
   and checkpoint saves during training are inside it, and are also reported on their own: `eval_s`, `save_s`);
 - `tokens`: non-pad tokens of every training micro-batch fed to `training_step` (the sum of its attention mask;
-  a padding-free batch has no pad), `slots`: tokens including pad, `loss_tokens`: labels that are not -100.
+  a padding-free batch has no pad), `slots`: tokens including pad, `loss_tokens`: labels that are not -100;
+- `steps`: (start time, non-pad tokens) of every micro-batch (on a GPU, synchronised), and `end`, the time training and
+  saving ended: bench/gpu.py's throughput after warm-up; on a GPU also `peak_allocated_gib` / `peak_reserved_gib`.
 """
 from __future__ import annotations
 import functools, json, sys, time
@@ -24,13 +28,18 @@ def instrument(stats: dict) -> None:
     "Count what `Trainer.training_step` is fed, and time `train`, `evaluate` and checkpoint saves, for every trainer."
     from transformers import Trainer
     from trl import SFTTrainer
-    stats.update(tokens=0, slots=0, loss_tokens=0, micro_batches=0, train_s=0.0, eval_s=0.0, save_s=0.0, evals=0, saves=0)
+    stats.update(tokens=0, slots=0, loss_tokens=0, micro_batches=0, train_s=0.0, eval_s=0.0, save_s=0.0, evals=0, saves=0,
+                 steps=[])
     step = Trainer.training_step
 
     @functools.wraps(step)
     def training_step(self, model, inputs, *a, **kw):
+        import torch
         ids, am, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
-        stats["tokens"] += int(am.sum()) if am is not None else int(ids.numel())
+        if ids.is_cuda: torch.cuda.synchronize()  # each micro-batch's start, for the throughput after warm-up (bench/gpu.py)
+        n = int(am.sum()) if am is not None else int(ids.numel())
+        stats["steps"].append((time.perf_counter(), n))
+        stats["tokens"] += n
         stats["slots"] += int(ids.numel())
         if labels is not None: stats["loss_tokens"] += int((labels != -100).sum())
         stats["micro_batches"] += 1
@@ -116,6 +125,12 @@ def held_out(run_dir: Path, adapter: bool = True, base_eval: Path | None = None)
     return metrics
 
 
+def _with(args, **kw):
+    "A copy of TRL's `SFTConfig` `args` with `kw` set (it is a dataclass)."
+    import dataclasses
+    return dataclasses.replace(args, **kw)
+
+
 def main(argv: list[str]) -> None:
     side, run_dir, out = argv[0], Path(argv[1]).resolve(), Path(argv[2])
     if side == "val-loss":
@@ -126,11 +141,16 @@ def main(argv: list[str]) -> None:
         return
     stats: dict = {}
     instrument(stats)
-    if side in ("ours", "ours-full-head"):
+    if side == "ours-liger": side = "ours-sft:use_liger_kernel=true"  # Liger's Triton kernels: a lever on a GPU
+    if side in ("ours", "ours-full-head") or side.startswith("ours-sft:"):
         from llm_pipeline.cli import main as cli
+        import llm_pipeline.train
         if side == "ours-full-head":  # before `compact_lm_head`: TRL's own CPU path, every position through the LM head
-            import llm_pipeline.train
             llm_pipeline.train.compact_lm_head = lambda: False
+        if side.startswith("ours-sft:"):  # a trainer setting our params do not expose (dataloader workers, torch.compile, ...)
+            extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in side.split(":", 1)[1].split(","))}
+            sft_config = llm_pipeline.train.sft_config
+            llm_pipeline.train.sft_config = functools.wraps(sft_config)(lambda *a, **kw: _with(sft_config(*a, **kw), **extra))
         if rc := cli(["train", "--params", str(run_dir/"params.yaml")]): sys.exit(rc)
         rep = json.loads((run_dir/"reports"/"train"/"train.json").read_text())
         stats.update(global_step=rep["global_step"], train_loss=rep["train_loss"], final_eval_loss=rep["final_eval_loss"],
@@ -139,7 +159,14 @@ def main(argv: list[str]) -> None:
         sys.path.insert(0, str(BENCH))
         import reference_train
         stats.update(reference_train.main(run_dir))
-    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | reference | val-loss | eval-base | held-out")
+    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | ours-liger | ours-sft:KEY=JSON,... | reference | val-loss | eval-base | held-out")
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        stats["end"] = time.perf_counter()
+        stats["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        stats["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    else: stats["end"] = time.perf_counter()
     out.write_text(json.dumps(stats))
 
 

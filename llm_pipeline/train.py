@@ -19,8 +19,8 @@ from .model import (BASE_FILE, ModelError, chat_messages, is_fsdp, load_base_mod
 
 # %% auto #0
 __all__ = ['global_step_dvclive_callback', 'use_dvclive', 'assistant_only', 'training_rows', 'sft_config', 'lora_config',
-           'compact_lm_head', 'token_lengths', 'fit_length', 'mask_preview', 'check_mask', 'plot_losses',
-           'run_train_loss', 'train']
+           'compact_lm_head', 'token_lengths', 'fit_length', 'packed_problems', 'mask_preview', 'check_mask',
+           'plot_losses', 'run_train_loss', 'train']
 
 # %% ../nbs/05_train.ipynb #73b8ec7b
 def global_step_dvclive_callback(live_dir: Path, resume_from: Path | None):
@@ -131,16 +131,32 @@ def _spans(tok, ids: list[int], trained: list[bool]) -> str:
         out.append(f"⟦{text}⟧" if trained[i] else text); i = j
     return "".join(out)
 
+def packed_problems(i: int, row: dict, ids: list[int], trained: list[bool], eos: int, eos_text: str) -> list[str]:
+    "A packed row's problems: each of its conversations (`seq_lengths`) must train some token, its end-of-turn among them."
+    out, start = [], 0
+    for k, n in enumerate(row.get("seq_lengths") or [len(ids)]):
+        seg, tr = ids[start:start + n], trained[start:start + n]
+        if not any(tr): out.append(f"row {i}, conversation {k}: no token is trained (an empty loss mask)")
+        elif not any(t == eos and x for t, x in zip(seg, tr)):
+            out.append(f"row {i}, conversation {k}: its end-of-turn token {eos_text!r} is not trained (the model would not learn to stop)")
+        start += n
+    return out
+
 def mask_preview(trainer, tok, n: int = 4) -> tuple[str, list[str]]:
     "Markdown of the first `n` training rows as collated (trained tokens inside ⟦…⟧), and the problems found in them."
     ds = trainer.train_dataset
     rows = [ds[i] for i in range(min(n, len(ds)))]
-    batch = trainer.data_collator(rows)
     eos, kind, problems, parts = tok.eos_token_id, template_system(tok), [], []
     for i, row in enumerate(rows):
-        keep = batch["attention_mask"][i] == 1 if "attention_mask" in batch else slice(None)
-        ids, lab = batch["input_ids"][i][keep].tolist(), batch["labels"][i][keep].tolist()
+        batch = trainer.data_collator([row])  # one at a time: a padding-free collator flattens a batch into one sequence
+        keep = batch["attention_mask"][0] == 1 if "attention_mask" in batch else slice(None)
+        ids, lab = batch["input_ids"][0][keep].tolist(), batch["labels"][0][keep].tolist()
         trained = [l != -100 for l in lab]
+        if "messages" not in row and "prompt" not in row:  # packed (`train.packing`): whole conversations, end to end
+            problems += packed_problems(i, row, ids, trained, eos, tok.eos_token)
+            parts.append(f"### Row {i} (packed: {len(row.get('seq_lengths') or [0])} conversations): {sum(trained)} of {len(ids)} "
+                         f"tokens trained\n\n```text\n{_spans(tok, ids, trained)}\n```\n")
+            continue
         msgs = row["messages"] if "messages" in row else [*row["prompt"], *row["completion"]]
         n_assistant = sum(m["role"] == "assistant" for m in (row["messages"] if "messages" in row else row["completion"]))  # trained turns
         if not any(trained): problems.append(f"row {i}: no token is trained (an empty loss mask)")
