@@ -21,19 +21,22 @@ The two recipes:
 - reference: the 2023 pipeline's params.yaml / train.py on transformers 4.31-4.33 and TRL 0.7 (`GPU_2023` in
   reference_train.py): nf4 without double quantization, fp16 4-bit compute dtype under bf16 autocast, LoRA r 64 /
   alpha 16 / dropout 0.1 on peft's Llama default (q_proj, v_proj), fp32 adapters, no gradient checkpointing, eager
-  attention (SDPA came to Llama in 4.36), batch 8, paged AdamW 32-bit, pad = EOS, loss on every token.
+  attention (SDPA came to Llama in 4.36), batch 8, paged AdamW 32-bit, pad = EOS, loss on every token from the full
+  logits, and k-bit preparation (TRL 0.7 did both itself).
 Each configuration trains in its own process; one that runs out of memory is retried at half the micro-batch down to
 1 (ours keeps its global batch), and the row says which batch ran.
 
 Figures per row:
 - tokens/s: non-pad tokens of the micro-batches after the first 16 rows (one optimizer step of ours), over the time
-  from the first of them to the last one's start (synchronised): forward, backward, optimizer steps.
+  from the first of them to the last one's start (synchronised), less evaluations and saves: forward, backward,
+  optimizer steps.
 - peak allocated GiB: `torch.cuda.max_memory_allocated` of the process (weights included). It does not see a paged
   optimizer's state (bitsandbytes keeps it in CUDA managed memory: 8 bytes per trainable parameter), so the estimate
   is compared without that term too (`estimate_allocated_gib_without_paged_state`).
 - MFU: model FLOPs/s over the GPU's peak dense bf16 FLOPs (`llm_pipeline.estimate.GPU_SPECS`; unknown GPU: None).
   Model FLOPs per token = 4 N_frozen (forward 2N + input gradients 2N; no weight gradients for the frozen 4-bit base
-  and head) + 6 N_lora + 12 L d s (attention, forward and backward, PaLM's convention). Gradient-checkpointing
+  and head) + 6 N_lora + 12 L d s (attention, forward and backward, PaLM's convention; s the rows' token-weighted
+  mean length). Gradient-checkpointing
   recompute is not model FLOPs, so it lowers MFU: that is the point of the figure.
 
 The GPU machine (FINDINGS.md, "The GPU test machine") has torch, transformers, peft, accelerate, pyarrow, pandas,

@@ -93,13 +93,16 @@ def run_project(root: Path, raw: dict, base_dir: Path, train: list[dict], val: l
 
 
 def steady(stats: dict, batch: int) -> tuple[float, int]:
-    "Tokens/s over the micro-batches after the first WARM_ROWS rows, each from its start to the next one's; and how many."
+    """Tokens/s over the micro-batches after the first WARM_ROWS rows, each from its start to the next one's, less the
+    evaluations and checkpoint saves between them; and how many micro-batches that is."""
     steps = stats["steps"]
     w = max(1, -(-WARM_ROWS // batch))
     if len(steps) < w + 2: w = 1 if len(steps) >= 3 else 0
     timed = steps[w:]
     if len(timed) < 2: return float("nan"), 0
-    return sum(n for _, n in timed[:-1]) / (timed[-1][0] - timed[0][0]), len(timed) - 1
+    t0, t1 = timed[0][0], timed[-1][0]
+    pauses = sum(b - a for a, b in stats.get("pauses", []) if a >= t0 and b <= t1)  # evaluations and checkpoint saves
+    return sum(n for _, n in timed[:-1]) / (t1 - t0 - pauses), len(timed) - 1
 
 
 def is_oom(text: str) -> bool:
@@ -142,8 +145,9 @@ def flops_per_token(shape, r: int, targets, seq: int) -> float:
 
 def eager_attention_bytes(shape, batch: int, seq: int) -> float:
     """What the reference's eager attention keeps for the backward beyond what the estimator counts (it models SDPA):
-    the bf16 scores and their softmax, batch x heads x seq x seq each, in every layer (no gradient checkpointing)."""
-    return 2 * 2 * batch * shape.heads * seq * seq * shape.layers
+    the softmax in fp32 and its bf16 copy for the product with V (transformers' `eager_attention_forward`), 6 bytes per
+    element of batch x heads x seq x seq, in every layer (no gradient checkpointing)."""
+    return 6 * batch * shape.heads * seq * seq * shape.layers
 
 
 def reference_batch(cfg, run: Path, asked: int, gpu_bytes: float) -> int:
@@ -180,6 +184,8 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
     from llm_pipeline.config import PRESETS, Paths, deep_merge, load_params, read_params
     from llm_pipeline.model import build_base
     cuda = device != "cpu"
+    if time.monotonic() > deadline - 60:
+        row = {"section": "pipeline", "status": "skipped (time budget)"}; on_row(row); return [row]
     tok_dir = tiny_tokenizer_dir(work)
     t = time.perf_counter()
     base = random_base(work/f"random-{shape_name}", shape, device, tok_dir)
@@ -205,6 +211,8 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
         name = side + (" + padding-free" if extra.get("packing") else "")
         n_rows = 48 if cuda else 24
         data = synthetic_rows(tok, n_rows, seq, seed=seq)
+        lens = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in data]
+        attn_len = sum(n * n for n in lens) / sum(lens)  # a token attends over its own row: the token-weighted mean length
         train = {"max_length": seq, "num_train_epochs": 1.0, "max_steps": -1, "eval_strategy": "no", "save_steps": 100000,
                  "logging_steps": 1, "checkpoint_dir": "checkpoints", **extra}
         if not cuda: train.update(optim="adamw_torch", per_device_train_batch_size=2, global_batch_size=4)
@@ -240,12 +248,12 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
             out.update(tokens_per_s=tps, timed_micro_batches=timed)
             cfg_shape = shape_of({**shape, "vocab_size": max(shape["vocab_size"], len(tok))})
             targets = cfg.lora.target_modules if side != "reference" else ["q_proj", "v_proj"]
-            fpt = flops_per_token(cfg_shape, cfg.lora.r, targets, seq)
+            fpt = flops_per_token(cfg_shape, cfg.lora.r, targets, attn_len)
             out["model_tflops_per_token"] = fpt / 1e12
             out["mfu"] = fpt * tps / (peak_tflops * 1e12) if peak_tflops else None
             try: out.update(estimate_row(side, cfg, run, row["batch"]))
             except Exception as e: out["estimate"] = f"error: {type(e).__name__}: {e}"
-            if out.get("peak_allocated_gib"):
+            if out.get("peak_allocated_gib") and "estimate_allocated_gib_without_paged_state" in out:
                 out["estimate_over_measured"] = out["estimate_allocated_gib_without_paged_state"] / out["peak_allocated_gib"]
         rows.append(out)
         print(json.dumps({k: v for k, v in out.items() if k != "estimate_terms_gib"}), flush=True)

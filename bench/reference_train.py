@@ -36,7 +36,8 @@ REFERENCE = {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, 
 
 # With `model.quantization: 4bit` (bench/gpu.py), the 2023 QLoRA recipe where it differs from ours: nf4 without
 # double quantization and an fp16 compute dtype (under bf16 autocast), LoRA on peft's Llama default (q_proj, v_proj) with
-# fp32 adapters, no gradient checkpointing, eager attention (SDPA came to Llama in transformers 4.36)
+# fp32 adapters, no gradient checkpointing, eager attention (SDPA came to Llama in transformers 4.36); and what TRL 0.7
+# did that TRL 1.x does not: k-bit preparation of the model, and a loss from the full logits (`Loss2023Trainer`)
 GPU_2023 = {"quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
                              "bnb_4bit_compute_dtype": "float16"},
             "target_modules": ["q_proj", "v_proj"], "attn": "eager"}
@@ -51,6 +52,16 @@ class EosMaskingCollator:
         out = self.inner(examples)
         out["labels"][out["input_ids"] == self.pad] = -100
         return out
+
+
+def _loss_2023_trainer():
+    from transformers import Trainer
+    from trl import SFTTrainer
+    class Loss2023Trainer(SFTTrainer):
+        "The 2023 loss on a 4-bit run: the model's own forward with labels, full [batch, length, vocab] logits (TRL 1.x's fused LM head never builds them)."
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    return Loss2023Trainer
 
 
 def main(run_dir: str | Path) -> dict:
@@ -79,10 +90,14 @@ def main(run_dir: str | Path) -> dict:
         kw = {**kw, "quantization_config": BitsAndBytesConfig(**GPU_2023["quantization"]), "attn_implementation": GPU_2023["attn"]}
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map={"": 0 if cuda else "cpu"}, **kw)
     model.config.use_cache = False
+    if qlora:  # TRL 0.7 prepared a k-bit model itself (norms, embeddings and head to fp32); TRL 1.x leaves it to the caller
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     shared = {k: getattr(t, k) for k in ("num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps",
                                          "weight_decay", "max_grad_norm", "optim", "max_length", "save_steps", "logging_steps",
                                          "gradient_checkpointing")}
     lora = lora_config(cfg)
+    Loss2023Trainer = _loss_2023_trainer()
     if qlora:
         shared["gradient_checkpointing"] = False
         lora.target_modules = set(GPU_2023["target_modules"])
@@ -92,7 +107,7 @@ def main(run_dir: str | Path) -> dict:
                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
                      seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda, report_to=["dvclive"], logging_first_step=True,
                      dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
+    trainer = (Loss2023Trainer if qlora else SFTTrainer)(model=model, args=args, processing_class=tok, peft_config=lora,
                          train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
                          eval_dataset=Dataset.from_list([{"messages": r["messages"]} for r in val_rows]),
                          data_collator=EosMaskingCollator(tok.pad_token_id))

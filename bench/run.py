@@ -101,8 +101,8 @@ with open(out + "/orca.jsonl", "w") as f:
 """
 
 
-def bench_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true"}
+def bench_env() -> dict:  # (PYTHONPATH kept after ROOT: on the GPU machine it holds the carried wheels)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true"}
 
 
 # Linux starts a child's peak RSS (ru_maxrss) at its parent's high-water mark: fork copies it and exec keeps the maximum.
@@ -500,7 +500,7 @@ def bench_gpu(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
 
 def gpu_rows(res: dict) -> list[dict]:
     "Table rows from bench/gpu.py's JSON: tokens/s, peak GiB and MFU per sequence length (a status string where not ok)."
-    by = {(x.get("side"), x.get("seq")): x for x in res["rows"] if x.get("section") in ("pipeline", "levers")}
+    by = {(x["side"], x["seq"]): x for x in res["rows"] if x.get("side") and x.get("seq")}  # (a section's skip row has neither)
     val = lambda x, k: x.get(k) if x.get("status", "").startswith("ok") else x.get("status")
     rows = []
     for (side, seq), o in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0] != "ours")):

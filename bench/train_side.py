@@ -29,7 +29,7 @@ def instrument(stats: dict) -> None:
     from transformers import Trainer
     from trl import SFTTrainer
     stats.update(tokens=0, slots=0, loss_tokens=0, micro_batches=0, train_s=0.0, eval_s=0.0, save_s=0.0, evals=0, saves=0,
-                 steps=[])
+                 steps=[], pauses=[])
     step = Trainer.training_step
 
     @functools.wraps(step)
@@ -53,7 +53,9 @@ def instrument(stats: dict) -> None:
             try: return fn(*a, **kw)
             finally:
                 stats[key] += time.perf_counter() - t0
-                if count: stats[count] += 1
+                if count:
+                    stats[count] += 1
+                    stats["pauses"].append((t0, time.perf_counter()))  # between micro-batches: not training time
         setattr(cls, name, wrapper)
 
     Trainer.training_step = training_step
