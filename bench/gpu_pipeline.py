@@ -76,14 +76,10 @@ def synthetic_rows(tok, n: int, seq: int, seed: int) -> list[dict]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def run_project(root: Path, raw: dict, base_dir: Path, train: list[dict], val: list[dict]) -> Path:
     "A run directory: params.yaml, data/final/{train,val}.jsonl and the base's descriptor (copied, fingerprinted once)."
     import yaml
+    from llm_pipeline.data import write_jsonl
     root.mkdir(parents=True)
     (root/"params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     write_jsonl(root/"data"/"final"/"train.jsonl", train)
@@ -109,11 +105,11 @@ def is_oom(text: str) -> bool:
     return "out of memory" in text.lower() or "OutOfMemoryError" in text
 
 
-def train_row(side: str, run: Path, timeout: float) -> dict:
-    "Run one training side in its own process; its stats, or its failure in one line."
+def train_row(side: str, run: Path, timeout: float, env: dict | None = None) -> dict:
+    "Run one training side in its own process (`env` added to its environment); its stats, or its failure in one line."
     out = run/"stats.json"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1",
-           "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     t0 = time.perf_counter()
     try:
         r = subprocess.run([sys.executable, str(BENCH/"train_side.py"), side, str(run), str(out)], cwd=run, env=env,
@@ -127,12 +123,6 @@ def train_row(side: str, run: Path, timeout: float) -> dict:
         return {"status": "OOM" if is_oom(text) else f"error: {last[:300]}", "process_s": wall,
                 "log_tail": text.splitlines()[-25:]}  # what to fix, in the JSON that comes back from the GPU machine
     return {"status": "ok", "process_s": wall, **json.loads(out.read_text())}
-
-
-def shape_of(shape: dict):
-    from llm_pipeline.estimate import ModelShape
-    return ModelShape("bench", shape["vocab_size"], shape["hidden_size"], shape["num_hidden_layers"],
-                      shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"])
 
 
 def flops_per_token(shape, r: int, targets, seq: int) -> float:
@@ -182,7 +172,9 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
     "Section `pipeline` (and `levers`): each (side, sequence length) trained by the pipeline's own code in its own process."
     import torch, yaml
     from llm_pipeline.config import PRESETS, Paths, deep_merge, load_params, read_params
+    from llm_pipeline.estimate import model_shape
     from llm_pipeline.model import build_base
+    from reference_train import GPU_2023
     cuda = device != "cpu"
     if time.monotonic() > deadline - 60:
         row = {"section": "pipeline", "status": "skipped (time budget)"}; on_row(row); return [row]
@@ -216,7 +208,6 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
         train = {"max_length": seq, "num_train_epochs": 1.0, "max_steps": -1, "eval_strategy": "no", "save_steps": 100000,
                  "logging_steps": 1, "checkpoint_dir": "checkpoints", **extra}
         if not cuda: train.update(optim="adamw_torch", per_device_train_batch_size=2, global_batch_size=4)
-        ref_batch = int(os.environ.get("LLM_PIPELINE_BENCH_REFERENCE_BATCH", 0)) or None
         batch, asked = None, None  # None: the recipe's own micro-batch; after an OOM, half of the last one
         while True:
             tr = {**raw.get("train", {}), **train}
@@ -231,11 +222,8 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
             asked = asked or ran_batch
             remaining = deadline - time.monotonic()
             if remaining < 30: row = {"status": "skipped (time budget)"}; break
-            if side == "reference": os.environ["LLM_PIPELINE_BENCH_REFERENCE_BATCH"] = str(ran_batch)
-            try: res = train_row(side, run, remaining)
-            finally:
-                if ref_batch: os.environ["LLM_PIPELINE_BENCH_REFERENCE_BATCH"] = str(ref_batch)
-                else: os.environ.pop("LLM_PIPELINE_BENCH_REFERENCE_BATCH", None)
+            res = train_row(side, run, remaining,  # reference_train.py reads its batch from there
+                            {"LLM_PIPELINE_BENCH_REFERENCE_BATCH": str(ran_batch)} if side == "reference" else None)
             if res["status"] == "OOM" and ran_batch > 1:
                 shutil.rmtree(run, ignore_errors=True); batch = ran_batch // 2; continue
             row = {**res, "batch": ran_batch}
@@ -246,9 +234,8 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
             tps, timed = steady(row, row["batch"])
             if row["batch"] != asked: out["status"] = f"ok at batch {row['batch']} (batch {asked}: OOM, measured or estimated)"
             out.update(tokens_per_s=tps, timed_micro_batches=timed)
-            cfg_shape = shape_of({**shape, "vocab_size": max(shape["vocab_size"], len(tok))})
-            targets = cfg.lora.target_modules if side != "reference" else ["q_proj", "v_proj"]
-            fpt = flops_per_token(cfg_shape, cfg.lora.r, targets, attn_len)
+            targets = cfg.lora.target_modules if side != "reference" else GPU_2023["target_modules"]
+            fpt = flops_per_token(model_shape(cfg, run), cfg.lora.r, targets, attn_len)  # the base folder's config.json
             out["model_tflops_per_token"] = fpt / 1e12
             out["mfu"] = fpt * tps / (peak_tflops * 1e12) if peak_tflops else None
             try: out.update(estimate_row(side, cfg, run, row["batch"]))
