@@ -262,7 +262,8 @@ TRAIN_SIDES = {"ours": ("ours", {}), "reference": ("reference", {})}
 # `--variants KEY,...` adds them to the training section: the "before" of an improvement, or a params alternative.
 TRAIN_VARIANTS = {"full-head": ("ours, every position to the LM head", "ours-full-head", {}),  # before compact_lm_head
                   "packing": ("ours + packing", "ours", {"train": {"packing": True}}),
-                  "fp32": ("ours in fp32", "ours", {"train": {"precision": "fp32"}})}  # before bf16 on a native-bf16 CPU (real base)
+                  "fp32": ("ours in fp32", "ours", {"train": {"precision": "fp32"}}),  # before bf16 on a native-bf16 CPU (real base)
+                  "dropout0": ("ours, LoRA dropout 0", "ours", {"lora": {"dropout": 0.0}})}  # the levers' fastest trial, with its held-out figures
 TRAIN_BASES = ("tiny", "smollm2-135m")  # --train-base: the random toy, or the embedded real model (held-out metrics too)
 
 
@@ -521,18 +522,20 @@ LEVERS = {"bf16 on a CPU with native bf16": ("ours", {"train": {"precision": "fp
           "compact LM head": ("ours-full-head", {}),                                             # adopted (compact_lm_head)
           "group_by_length": ("ours", {"train": {"train_sampling_strategy": "random"}})}        # adopted (random: more padding)
 TRIALS = {"dataloader workers 2": ("ours-sft:dataloader_num_workers=2", {}),                     # not in ours: measured with it
-          "torch.compile": ("ours-sft:torch_compile=true", {})}
+          "torch.compile": ("ours-sft:torch_compile=true", {}),
+          "LoRA dropout 0": ("ours", {"lora": {"dropout": 0.0}})}  # no Bernoulli mask per adapter input (quality: bench/README)
 
 
-def bench_levers(reps: int, steps: int, tmp: Path) -> tuple[list[dict], dict]:
+def bench_levers(reps: int, steps: int, tmp: Path, names: list[str] | None = None) -> tuple[list[dict], dict]:
     "Ours on the embedded base for `steps` steps against the same run without each lever (or with each trial), alternating."
+    levers, trials = ({k: v for k, v in d.items() if names is None or k in names} for d in (LEVERS, TRIALS))
     sys.path.insert(0, str(BENCH))
     import yaml
     from gpu_pipeline import steady
     base = tmp/"base"
     prepare_train_project(base, "smollm2-135m")
     over = {"train": {"max_steps": steps, "eval_strategy": "no", "save_steps": 100000}, "seed": 42}
-    sides = {"ours": ("ours", {}), **{f"{k}: without": v for k, v in LEVERS.items()}, **{f"{k}: with": v for k, v in TRIALS.items()}}
+    sides = {"ours": ("ours", {}), **{f"{k}: without": v for k, v in levers.items()}, **{f"{k}: with": v for k, v in trials.items()}}
     runs = {k: [] for k in sides}
     for rep in range(reps):
         for name, (kind, ov) in sides.items():  # alternating
@@ -549,8 +552,8 @@ def bench_levers(reps: int, steps: int, tmp: Path) -> tuple[list[dict], dict]:
     med = lambda name, k: (statistics.median(r[k] for r in runs[name]) if all(k in r for r in runs[name])
                            else runs[name][-1].get("error"))
     rows = []
-    for label in (*LEVERS, *TRIALS):
-        with_, without = ("ours", f"{label}: without") if label in LEVERS else (f"{label}: with", "ours")
+    for label in (*levers, *trials):
+        with_, without = ("ours", f"{label}: without") if label in levers else (f"{label}: with", "ours")
         for k, what, d in (("tokens_per_s", "non-pad tokens/s after warm-up", 1), ("train_s", "Trainer.train() s", 1),
                            ("stage_wall_s", "stage wall s", 1), ("peak_rss_mb", "peak RSS MB", 0)):
             rows.append(row("levers", f"{label} [with / without], {steps} steps: {what}", med(with_, k), med(without, k), d))
@@ -583,6 +586,8 @@ def main():
     ap.add_argument("--json-subset", type=int, default=1000, help="conversations the json section takes from it (default 1000)")
     ap.add_argument("--train-reps", type=int, default=None, help="training runs per side (default 3)")
     ap.add_argument("--lever-reps", type=int, default=None, help="levers: runs per side (default 1; 10 steps each, about 2 min a run)")
+    ap.add_argument("--levers", default="", help="levers: only these, comma-separated (default all: " + ", ".join([*LEVERS, *TRIALS])
+                    + "); the others' rows in the day's JSON stay")
     ap.add_argument("--overhead-reps", type=int, default=None, help="no-op dvc repro runs per side (default 5)")
     ap.add_argument("--variants", default="", help="comma-separated training variants to add: " + ", ".join(
         f"{k} ({v[0]})" for k, v in TRAIN_VARIANTS.items()) + "; packing is slow on a CPU (about 4x ours)")
@@ -595,6 +600,8 @@ def main():
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     if bad := [v for v in variants if v not in TRAIN_VARIANTS]: ap.error(f"unknown variant(s) {bad}; choose from {list(TRAIN_VARIANTS)}")
     if bad := [s for s in only if s not in SECTIONS]: ap.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    levers = [v.strip() for v in a.levers.split(",") if v.strip()] or None
+    if bad := [v for v in levers or [] if v not in {**LEVERS, **TRIALS}]: ap.error(f"unknown lever(s) {bad}; choose from {[*LEVERS, *TRIALS]}")
     q = a.quick
     reps = a.reps or (1 if q else 3)
     n_rows = a.rows or (20_000 if q else 1_000_000)
@@ -612,7 +619,7 @@ def main():
                 r, extra["training" if a.train_base == "tiny" else f"training_{a.train_base}"] = bench_train(
                     train_reps, q, variants, tmp/"train", a.same_seed, a.train_base); rows += r
             elif section == "levers":
-                r, extra["levers"] = bench_levers(a.lever_reps or 1, 4 if q else 10, tmp/"levers"); rows += r
+                r, extra["levers"] = bench_levers(a.lever_reps or 1, 4 if q else 10, tmp/"levers", levers); rows += r
             elif section == "overhead":
                 r, extra["params_sensitivity"], extra["overhead"] = bench_overhead(overhead_reps, tmp/"overhead"); rows += r
             elif section == "gpu":
@@ -627,9 +634,14 @@ def main():
     res = BENCH/"results"/f"{date.today()}-{platform.node() or 'machine'}{'-quick' if q else ''}.json"
     old = json.loads(res.read_text()) if res.exists() else {}
     replaced = [f"train-{a.train_base}" if s == "train" and a.train_base != "tiny" else s for s in only]
-    keep = [r for r in old.get("results", []) if r.get("section", "data") not in replaced]  # a run with --only replaces its sections
+    ran = lambda r: r.get("section", "data") in replaced and (r.get("section") != "levers" or levers is None
+                                                              or r["figure"].split(" [")[0] in levers)
+    keep = [r for r in old.get("results", []) if not ran(r)]  # a run with --only (--levers) replaces its sections (levers)
+    if levers and "levers" in extra:  # the other levers' runs stay beside this run's
+        new = {f"ours, beside {', '.join(levers)}" if k == "ours" else k: v for k, v in extra["levers"]["runs"].items()}
+        extra["levers"]["runs"] = {**old.get("levers", {}).get("runs", {}), **new}
     settings = {"quick": q, "reps": reps, "rows": n_rows, "json_mb": a.json_mb or (50 if q else 500), "json_subset": a.json_subset, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": variants,
-                "same_seed": a.same_seed, "train_base": a.train_base}
+                "same_seed": a.same_seed, "train_base": a.train_base, "levers": levers}
     doc = {**{k: v for k, v in old.items() if k not in ("results",)},
            "date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
            "settings": {**old.get("settings", {}), **{s: settings for s in only}},
