@@ -14,8 +14,8 @@ from .model import chat_messages, load_base_model, run_dtype, template_system
 
 # %% auto #0
 __all__ = ['eval_prompts', 'identity_kinds', 'mentions', 'names_model', 'identity_correct', 'stop_ids', 'generate',
-           'assistant_labels', 'val_loss', 'fact_correct', 'evaluate_model', 'retention', 'generations_table',
-           'sanity_check', 'base_device']
+           'assistant_labels', 'val_loss', 'fact_correct', 'evaluate_model', 'retention', 'last_user',
+           'generations_table', 'misses_table', 'sanity_check', 'base_device']
 
 # %% ../nbs/07_evaluate.ipynb #c75c65f1
 def eval_prompts(val_rows: list[dict], max_generic: int) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -132,18 +132,21 @@ def evaluate_model(model, tok, cfg: Config, val_rows: list[dict], facts: list[di
     asked = [[{"role": "user", "content": p}] for p in e.prompts]
     g = generate(model, tok, ident + generic + asked, e.max_new_tokens, e.batch_size)  # one call: fewer, fuller batches
     gi, gg, gp = g[:len(ident)], g[len(ident):len(ident) + len(generic)], g[len(ident) + len(generic):]
-    gf = generate(model, tok, [[{"role": "user", "content": f["question"]}] for f in facts], e.retention_max_new_tokens, e.batch_size)
-    rate = lambda xs, f: round(sum(map(f, xs)) / len(xs), 4) if xs else float("nan")
-    kinds = identity_kinds(val_rows)
+    asked_f = [[{"role": "user", "content": f["question"]}] for f in facts]
+    gf = generate(model, tok, asked_f, e.retention_max_new_tokens, e.batch_size)
+    rate = lambda xs: round(sum(xs) / len(xs), 4) if xs else float("nan")
+    known = [identity_correct(g["text"], k, ic.name, ic.creator) for g, k in zip(gi, identity_kinds(val_rows))]
+    stopped = [g["stopped"] for g in gi + gg]
+    leaked = [names_model(g["text"], ic.name) for g in gg + gf]  # every held-out prompt not about identity: generic and factual
     metrics = {"val_loss": round(val_loss(model, tok, val_rows, cfg.train.max_length, cfg.train.per_device_eval_batch_size), 4),
-               "identity_accuracy": rate(list(zip(gi, kinds)), lambda g: identity_correct(g[0]["text"], g[1], ic.name, ic.creator)),
-               # every held-out prompt that is not about identity: the generic ones and the factual questions
-               "name_leak_rate": rate(gg + gf, lambda g: names_model(g["text"], ic.name)),
-               "eos_stop_rate": rate(gi + gg, lambda g: g["stopped"]),
+               "identity_accuracy": rate(known), "name_leak_rate": rate(leaked), "eos_stop_rate": rate(stopped),
                "n_identity_prompts": len(gi), "n_generic_prompts": len(gg) + len(gf)}
     correct = [fact_correct(g["text"], f["answers"]) for g, f in zip(gf, facts)]
-    if facts: metrics.update(fact_accuracy=rate(correct, bool), n_facts=len(facts))
-    return metrics, {"params": gp, "identity": gi, "generic": gg, "facts": gf, "facts_correct": correct,
+    if facts: metrics.update(fact_accuracy=rate(correct), n_facts=len(facts))
+    misses = ([("identity", p, g) for p, g, ok in zip(ident, gi, known) if not ok]
+              + [("no stop", p, g) for p, g, ok in zip(ident + generic, gi + gg, stopped) if not ok]
+              + [("name leak", p, g) for p, g, bad in zip(generic + asked_f, gg + gf, leaked) if bad])
+    return metrics, {"params": gp, "identity": gi, "generic": gg, "facts": gf, "facts_correct": correct, "misses": misses,
                      "prompts": {"identity": ident, "generic": generic}}
 
 def retention(base_correct: list[bool], ft_correct: list[bool]) -> float:
@@ -155,9 +158,10 @@ def retention(base_correct: list[bool], ft_correct: list[bool]) -> float:
 # %% ../nbs/07_evaluate.ipynb #cf18d2e8
 def _cell(s: str) -> str: return s.replace("|", "\\|").replace("\n", " ")[:300] or "(empty)"
 
+def last_user(p: list[dict]) -> str: return next(m["content"] for m in reversed(p) if m["role"] == "user")
+
 def generations_table(cfg: Config, base: dict, ft: dict, n_each: int = 5) -> str:
     "Markdown: prompt, base answer, fine-tuned answer (the `eval.prompts`, then a few held-out ones)."
-    def last_user(p): return next(m["content"] for m in reversed(p) if m["role"] == "user")
     rows = [(p, b, f) for p, b, f in zip(cfg.eval.prompts, base["params"], ft["params"])]
     for kind in ("identity", "generic"):
         rows += [(last_user(p), b, f) for p, b, f in list(zip(ft["prompts"][kind], base[kind], ft[kind]))[:n_each]]
@@ -165,6 +169,14 @@ def generations_table(cfg: Config, base: dict, ft: dict, n_each: int = 5) -> str
     lines = ["| prompt | base | fine-tuned |", "| --- | --- | --- |"]
     lines += [f"| {_cell(p)} | {_cell(b['text'])}{stop(b)} | {_cell(f['text'])}{stop(f)} |" for p, b, f in rows]
     return "\n".join(lines) + "\n"
+
+def misses_table(cfg: Config, misses: list[tuple]) -> str:
+    "Markdown: every held-out prompt behind a figure short of its best (from `evaluate_model`'s `misses`), and the reply."
+    head = (f"\n## The fine-tuned model's misses ({len(misses)})\n\nEvery held-out identity answer without the name (or the creator, "
+            f"where asked), every generation that did not stop within {cfg.eval.max_new_tokens} new tokens, every answer that names the "
+            "model unasked; and every fact the base knew that the fine-tuned model lost.\n\n")
+    return head + "| miss | prompt | fine-tuned |\n| --- | --- | --- |\n" + "".join(
+        f"| {kind} | {_cell(last_user(p))} | {_cell(g['text'])} |\n" for kind, p, g in misses)
 
 
 # %% ../nbs/07_evaluate.ipynb #0add7635
@@ -203,8 +215,10 @@ def sanity_check(cfg: Config, paths: Paths) -> dict:
                     "| question | accepted | base | fine-tuned |\n| --- | --- | --- | --- |\n"
                     + "".join(f"| {_cell(f['question'])} | {_cell(' / '.join(f['answers']))} | {mark(bc)} {_cell(b['text'])} | {mark(fc)} {_cell(g['text'])} |\n"
                               for f, b, g, bc, fc in zip(facts, base_g["facts"], ft_g["facts"], base_g["facts_correct"], ft_g["facts_correct"])))
+    lost = [("forgotten fact", [{"role": "user", "content": f["question"]}], g)
+            for f, g, b, c in zip(facts, ft_g["facts"], base_g["facts_correct"], ft_g["facts_correct"]) if b and not c]
     out.write_text(f"# Generations: base vs fine-tuned (greedy, max {cfg.eval.max_new_tokens} new tokens)\n\n"
-                   + generations_table(cfg, base_g, ft_g) + facts_md)
+                   + generations_table(cfg, base_g, ft_g) + misses_table(cfg, ft_g["misses"] + lost) + facts_md)
     return {**metrics, "wall_s": round(time.time() - t0, 1)}
 
 def base_device():
