@@ -23,8 +23,9 @@ Sections:
   `--train-base smollm2-135m`: the same on the embedded real model with its own recipe, plus each adapter's held-out
   identity, leak, stop rate and retention (bench/train_side.py held-out), against the real-model targets.
 - levers: the CPU levers on the embedded base, 10 training steps each, each against ours as params.yaml runs it
-  (bf16, the compact LM head, group_by_length: the run without each) and two not adopted (dataloader workers,
-  torch.compile: the run with each): tokens/s after warm-up, Trainer.train() and stage wall, peak RSS.
+  (bf16, the compact LM head, group_by_length: the run without each) and three not adopted (dataloader workers,
+  torch.compile, LoRA dropout 0: the run with each): tokens/s after warm-up, Trainer.train() and stage wall, peak RSS.
+  `--levers NAME,...` runs only those.
 - overhead: a no-op `dvc repro` of a copy of the project (reproduced once, with a 5-step training) vs DVC's own floor
   (as many `echo` stages chained by deps); then, for one key of every params section, the stages `dvc status` marks
   changed and the ones `dvc repro` would rerun (with their downstream), checked against the rule "data params never
@@ -602,6 +603,7 @@ def main():
     if bad := [s for s in only if s not in SECTIONS]: ap.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
     levers = [v.strip() for v in a.levers.split(",") if v.strip()] or None
     if bad := [v for v in levers or [] if v not in {**LEVERS, **TRIALS}]: ap.error(f"unknown lever(s) {bad}; choose from {[*LEVERS, *TRIALS]}")
+    if levers and "levers" not in only: ap.error("--levers needs the levers section in --only")
     q = a.quick
     reps = a.reps or (1 if q else 3)
     n_rows = a.rows or (20_000 if q else 1_000_000)
@@ -641,11 +643,12 @@ def main():
         new = {f"ours, beside {', '.join(levers)}" if k == "ours" else k: v for k, v in extra["levers"]["runs"].items()}
         extra["levers"]["runs"] = {**old.get("levers", {}).get("runs", {}), **new}
     settings = {"quick": q, "reps": reps, "rows": n_rows, "json_mb": a.json_mb or (50 if q else 500), "json_subset": a.json_subset, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": variants,
-                "same_seed": a.same_seed, "train_base": a.train_base, "levers": levers}
+                "same_seed": a.same_seed, "train_base": a.train_base}
+    key = lambda s: f"levers: {', '.join(levers)}" if s == "levers" and levers else s  # a subset run's own entry, beside the full run's
     doc = {**{k: v for k, v in old.items() if k not in ("results",)},
            "date": str(date.today()), "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-           "settings": {**old.get("settings", {}), **{s: settings for s in only}},
-           "wall_s": {**old.get("wall_s", {}), **{",".join(only): round(time.perf_counter() - t_all)}},
+           "settings": {**old.get("settings", {}), **{key(s): settings for s in only}},
+           "wall_s": {**old.get("wall_s", {}), **{",".join(map(key, only)): round(time.perf_counter() - t_all)}},
            "results": sorted(keep + rows, key=lambda r: SECTIONS.index(r.get("section", "data")) if r.get("section", "data") in SECTIONS
                               else len(SECTIONS)), **extra}
     doc.pop("reps", None)
