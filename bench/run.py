@@ -264,7 +264,7 @@ TRAIN_SIDES = {"ours": ("ours", {}), "reference": ("reference", {})}
 TRAIN_VARIANTS = {"full-head": ("ours, every position to the LM head", "ours-full-head", {}),  # before compact_lm_head
                   "packing": ("ours + packing", "ours", {"train": {"packing": True}}),
                   "fp32": ("ours in fp32", "ours", {"train": {"precision": "fp32"}}),  # before bf16 on a native-bf16 CPU (real base)
-                  "dropout0": ("ours, LoRA dropout 0", "ours", {"lora": {"dropout": 0.0}})}  # the levers' fastest trial, with its held-out figures
+                  "dropout0": ("ours, LoRA dropout 0", "ours", {"lora": {"dropout": 0.0}})}  # the lever that shortens Trainer.train() most, with its held-out figures
 TRAIN_BASES = ("tiny", "smollm2-135m")  # --train-base: the random toy, or the embedded real model (held-out metrics too)
 
 
