@@ -111,7 +111,7 @@ def held_out(run_dir: Path, adapter: bool = True, base_eval: Path | None = None)
     from peft import PeftModel
     from llm_pipeline.config import Paths, load_params
     from llm_pipeline.data import read_jsonl
-    from llm_pipeline.evaluate import evaluate_model, retention
+    from llm_pipeline.evaluate import evaluate_model, last_user, retention
     from llm_pipeline.model import load_base_model, load_tokenizer
     from llm_pipeline.train import fit_length, token_lengths
     cfg, paths = load_params(run_dir/"params.yaml"), Paths(run_dir)
@@ -123,6 +123,7 @@ def held_out(run_dir: Path, adapter: bool = True, base_eval: Path | None = None)
     facts = read_jsonl(paths.resolve(cfg.eval.retention)) if cfg.eval.retention else []
     metrics, gens = evaluate_model(model.eval(), tok, cfg, rows, facts)
     metrics["facts_correct"] = gens["facts_correct"]
+    metrics["misses"] = [[kind, last_user(p), g["text"]] for kind, p, g in gens["misses"]]  # (facts lost: compare facts_correct)
     if base_eval is not None: metrics["retention"] = retention(json.loads(base_eval.read_text())["facts_correct"], gens["facts_correct"])
     return metrics
 
