@@ -293,6 +293,7 @@ def make_run(base: Path, run: Path, overrides: dict) -> Path:
     return run
 
 
+PER_PROMPT = ("facts_correct", "misses")  # held_out.json's per-prompt lists: the results JSON keeps the figures only
 HELD_OUT = [("identity accuracy", "identity_accuracy", 3, 1), ("name leak rate", "name_leak_rate", 3, -1),
             ("end-of-turn stop rate", "eos_stop_rate", 3, 1), ("retention", "retention", 3, 1)]  # (label, key, digits, better: +1 higher)
 
@@ -324,7 +325,7 @@ def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path, same_see
             st.update(json.loads((rd/"val.json").read_text()))
             if real:  # identity, leaks, stop, retention: what sanity_check reports, by the same code for every side
                 measure_argv([PY, BENCH/"train_side.py", "held-out", rd, rd/"held_out.json", base/"base_eval.json"])
-                st.update({k: v for k, v in json.loads((rd/"held_out.json").read_text()).items() if k not in ("facts_correct", "misses")})
+                st.update({k: v for k, v in json.loads((rd/"held_out.json").read_text()).items() if k not in PER_PROMPT})
             st["tokens_per_s"] = st["tokens"] / st["train_s"]
             runs[name].append(st)
             shutil.rmtree(rd/"checkpoints", ignore_errors=True)
@@ -364,7 +365,7 @@ def bench_train(reps: int, quick: bool, variants: list[str], tmp: Path, same_see
           f"{med('reference', 'val_loss'):.4f} ({'met' if target['val_loss_equal_or_better'] else 'NOT met'}; "
           f"ours minus reference per seed: {', '.join(f'{s}: {d:+.4f}' for s, d in zip(seeds, diffs))})", flush=True)
     return out, {"base": train_base, "epochs": epochs, "seeds": seeds, "prepare_s": round(prep_s, 1),
-                 **({"base_held_out": {k: v for k, v in base_eval.items() if k not in ("facts_correct", "misses")}} if real else {}),
+                 **({"base_held_out": {k: v for k, v in base_eval.items() if k not in PER_PROMPT}} if real else {}),
                  "overrides": {s: deep_merge(over, ov) for s, (_, ov) in sides.items()}, "target": target, "runs": runs}
 
 

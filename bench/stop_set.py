@@ -45,10 +45,10 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=75, help="prompts per source")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    from peft import PeftModel
     from llm_pipeline.config import Paths, load_params
     from llm_pipeline.evaluate import generate, last_user
-    from llm_pipeline.model import load_base_model, load_tokenizer
+    from llm_pipeline.model import load_tokenizer
+    from train_side import merged_model
     proj = a.project.resolve()
     cfg, paths = load_params(proj/"params.yaml"), Paths(proj)
     tok = load_tokenizer(cfg, paths)
@@ -62,9 +62,8 @@ def main(argv=None):
     print(f"{len(rows)} held-out prompts ({per}), {sum(fits)} with a reference answer of at most {cap} tokens")
     rate = lambda xs: round(sum(xs) / len(xs), 4) if xs else float("nan")
     for name in ["base"] + [str(p) for p in (a.adapters or [paths.adapter])]:
-        model = load_base_model(cfg, paths, quantization="none", tokenizer=tok)
-        if name != "base": model = PeftModel.from_pretrained(model, name).merge_and_unload()
-        g = generate(model.eval(), tok, prompts, cap, cfg.eval.batch_size)
+        model = merged_model(cfg, paths, tok, None if name == "base" else name)
+        g = generate(model, tok, prompts, cap, cfg.eval.batch_size)
         st = [x["stopped"] for x in g]
         res = {"stop": rate(st), "stop_reference_fits": rate([s for s, f in zip(st, fits) if f]),
                **{f"stop_{s}": rate([x for x, r in zip(st, rows) if r["source"] == s]) for s in ("orca", "platypus")}}

@@ -85,19 +85,26 @@ def assistant_losses(model, tok, rows: list[dict], max_length: int, batch_size: 
     return acc
 
 
+def merged_model(cfg, paths, tok, adapter: Path | None):
+    "The base as the pipeline loads it (no quantization), with `adapter` merged into it (None: the base alone), in eval mode."
+    from peft import PeftModel
+    from llm_pipeline.model import load_base_model
+    model = load_base_model(cfg, paths, quantization="none", tokenizer=tok)
+    return (PeftModel.from_pretrained(model, adapter).merge_and_unload() if adapter else model).eval()
+
+
 def val_loss_of(run_dir: Path) -> dict:
     """The adapter in RUN_DIR merged into the base, measured as `sanity_check` measures a model: `llm_pipeline.evaluate.val_loss` (token-weighted
     mean cross-entropy over the assistant tokens, end-of-turn included) on every row of data/final/val.jsonl, with the
     base's own tokenizer (distinct pad), at `train.max_length`; plus that loss split into end-of-turn tokens and the rest."""
-    from peft import PeftModel
     from llm_pipeline.config import Paths, load_params
     from llm_pipeline.data import read_jsonl
     from llm_pipeline.evaluate import val_loss
-    from llm_pipeline.model import load_base_model, load_tokenizer
+    from llm_pipeline.model import load_tokenizer
     cfg, paths = load_params(run_dir/"params.yaml"), Paths(run_dir)
     tok = load_tokenizer(cfg, paths)
     # merged, as sanity_check measures models/merged (same losses as the unmerged PeftModel to ~1e-7, and 1.6x faster here)
-    model = PeftModel.from_pretrained(load_base_model(cfg, paths, quantization="none", tokenizer=tok), paths.adapter).merge_and_unload().eval()
+    model = merged_model(cfg, paths, tok, paths.adapter)
     rows = read_jsonl(paths.final("val"))
     acc = assistant_losses(model, tok, rows, cfg.train.max_length)
     return {"val_loss": val_loss(model, tok, rows, cfg.train.max_length), "val_rows": len(rows),
@@ -108,20 +115,18 @@ def val_loss_of(run_dir: Path) -> dict:
 def held_out(run_dir: Path, adapter: bool = True, base_eval: Path | None = None) -> dict:
     """Identity, name leaks, stop rate and facts of the base (`adapter=False`) or of RUN_DIR's adapter merged into it,
     by `llm_pipeline.evaluate.evaluate_model` on the rows `sanity_check` uses; with `base_eval`, retention against it."""
-    from peft import PeftModel
     from llm_pipeline.config import Paths, load_params
     from llm_pipeline.data import read_jsonl
     from llm_pipeline.evaluate import evaluate_model, last_user, retention
-    from llm_pipeline.model import load_base_model, load_tokenizer
+    from llm_pipeline.model import load_tokenizer
     from llm_pipeline.train import fit_length, token_lengths
     cfg, paths = load_params(run_dir/"params.yaml"), Paths(run_dir)
     tok = load_tokenizer(cfg, paths)
-    model = load_base_model(cfg, paths, quantization="none", tokenizer=tok)
-    if adapter: model = PeftModel.from_pretrained(model, paths.adapter).merge_and_unload()
+    model = merged_model(cfg, paths, tok, paths.adapter if adapter else None)
     rows = read_jsonl(paths.final("val"))
     rows, _ = fit_length(rows, token_lengths(rows, tok), cfg.train.max_length, cfg.train.overlong)
     facts = read_jsonl(paths.resolve(cfg.eval.retention)) if cfg.eval.retention else []
-    metrics, gens = evaluate_model(model.eval(), tok, cfg, rows, facts)
+    metrics, gens = evaluate_model(model, tok, cfg, rows, facts)
     metrics["facts_correct"] = gens["facts_correct"]
     metrics["misses"] = [[kind, last_user(p), g["text"]] for kind, p, g in gens["misses"]]  # (facts lost: compare facts_correct)
     if base_eval is not None: metrics["retention"] = retention(json.loads(base_eval.read_text())["facts_correct"], gens["facts_correct"])
