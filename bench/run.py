@@ -23,8 +23,8 @@ Sections:
   `--train-base smollm2-135m`: the same on the embedded real model with its own recipe, plus each adapter's held-out
   identity, leak, stop rate and retention (bench/train_side.py held-out), against the real-model targets.
 - levers: the CPU levers on the embedded base, 10 training steps each, each against ours as params.yaml runs it
-  (bf16, the compact LM head, group_by_length: the run without each) and three not adopted (dataloader workers,
-  torch.compile, LoRA dropout 0: the run with each): tokens/s after warm-up, Trainer.train() and stage wall, peak RSS.
+  (bf16, the compact LM head, group_by_length: the run without each) and four not adopted (dataloader workers,
+  torch.compile, LoRA dropout 0, LoRA dropout masks drawn 4 at a time: the run with each): tokens/s after warm-up, Trainer.train() and stage wall, peak RSS.
   `--levers NAME,...` runs only those.
 - overhead: a no-op `dvc repro` of a copy of the project (reproduced once, with a 5-step training) vs DVC's own floor
   (as many `echo` stages chained by deps); then, for one key of every params section, the stages `dvc status` marks
@@ -264,7 +264,8 @@ TRAIN_SIDES = {"ours": ("ours", {}), "reference": ("reference", {})}
 TRAIN_VARIANTS = {"full-head": ("ours, every position to the LM head", "ours-full-head", {}),  # before compact_lm_head
                   "packing": ("ours + packing", "ours", {"train": {"packing": True}}),
                   "fp32": ("ours in fp32", "ours", {"train": {"precision": "fp32"}}),  # before bf16 on a native-bf16 CPU (real base)
-                  "dropout0": ("ours, LoRA dropout 0", "ours", {"lora": {"dropout": 0.0}})}  # the lever that shortens Trainer.train() most, with its held-out figures
+                  "dropout0": ("ours, LoRA dropout 0", "ours", {"lora": {"dropout": 0.0}}),  # the lever that shortens Trainer.train() most, with its held-out figures
+                  "maskdrop": ("ours, LoRA dropout masks 4 a draw", "ours-maskdrop", {})}  # the same dropout, drawn cheaper: another draw of the recipe
 TRAIN_BASES = ("tiny", "smollm2-135m")  # --train-base: the random toy, or the embedded real model (held-out metrics too)
 
 
@@ -525,7 +526,8 @@ LEVERS = {"bf16 on a CPU with native bf16": ("ours", {"train": {"precision": "fp
           "group_by_length": ("ours", {"train": {"train_sampling_strategy": "random"}})}        # adopted (random: more padding)
 TRIALS = {"dataloader workers 2": ("ours-sft:dataloader_num_workers=2", {}),                     # not in ours: measured with it
           "torch.compile": ("ours-sft:torch_compile=true", {}),
-          "LoRA dropout 0": ("ours", {"lora": {"dropout": 0.0}})}  # no Bernoulli mask per adapter input (quality: bench/README)
+          "LoRA dropout 0": ("ours", {"lora": {"dropout": 0.0}}),  # no Bernoulli mask per adapter input (quality: bench/README)
+          "LoRA dropout masks 4 a draw": ("ours-maskdrop", {})}    # train_side.mask_dropout (quality: bench/README)
 
 
 def bench_levers(reps: int, steps: int, tmp: Path, names: list[str] | None = None) -> tuple[list[dict], dict]:
@@ -643,7 +645,8 @@ def main():
     if levers and "levers" in extra:  # the other levers' runs stay beside this run's
         new = {f"ours, beside {', '.join(levers)}" if k == "ours" else k: v for k, v in extra["levers"]["runs"].items()}
         extra["levers"]["runs"] = {**old.get("levers", {}).get("runs", {}), **new}
-    settings = {"quick": q, "reps": reps, "rows": n_rows, "json_mb": a.json_mb or (50 if q else 500), "json_subset": a.json_subset, "train_reps": train_reps, "overhead_reps": overhead_reps, "variants": variants,
+        extra["levers"]["reps"] = old.get("levers", {}).get("reps", extra["levers"]["reps"])  # the full run's (this one's: settings)
+    settings = {"quick": q, "reps": reps, "rows": n_rows, "json_mb": a.json_mb or (50 if q else 500), "json_subset": a.json_subset, "train_reps": train_reps, "lever_reps": a.lever_reps or 1, "overhead_reps": overhead_reps, "variants": variants,
                 "same_seed": a.same_seed, "train_base": a.train_base}
     key = lambda s: f"levers: {', '.join(levers)}" if s == "levers" and levers else s  # a subset run's own entry, beside the full run's
     doc = {**{k: v for k, v in old.items() if k not in ("results",)},

@@ -4,9 +4,9 @@
 identity questions and short replay questions. This script takes prompts from the OpenOrca and Open-Platypus files
 a project's subsets left out (so no run of that project trained or validated on them), drops those over
 `train.max_length` as training does, draws `--n` of each source with a fixed seed, and generates as `sanity_check` does
-(greedy, `eval.max_new_tokens`, `eval.batch_size`) with the base and with each adapter merged into it.
+(greedy, `eval.max_new_tokens` unless `--max-new-tokens`, `eval.batch_size`) with the base and with each adapter merged into it.
 
-    python bench/stop_set.py PROJECT [ADAPTER_DIR ...] [--n 75] [--out FILE]
+    python bench/stop_set.py PROJECT [ADAPTER_DIR ...] [--n 75] [--max-new-tokens N] [--out FILE]
 
 PROJECT: a reproduced project (its params.yaml, models/base, data/processed/{orca,platypus}.jsonl); the adapters
 default to PROJECT/models/adapter. Prints each model's stop rate on every prompt, on those whose reference answer
@@ -44,6 +44,7 @@ def main(argv=None):
     ap.add_argument("adapters", nargs="*", type=Path)
     ap.add_argument("--n", type=int, default=75, help="prompts per source")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--max-new-tokens", type=int, help="the longest generation (default: the project's eval.max_new_tokens)")
     a = ap.parse_args(argv)
     from llm_pipeline.config import Paths, load_params
     from llm_pipeline.evaluate import generate, last_user
@@ -53,7 +54,7 @@ def main(argv=None):
     cfg, paths = load_params(proj/"params.yaml"), Paths(proj)
     tok = load_tokenizer(cfg, paths)
     rows = held_out_rows(cfg, paths, tok, a.n)
-    cap = cfg.eval.max_new_tokens
+    cap = a.max_new_tokens or cfg.eval.max_new_tokens
     ref = [len(tok(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in rows]
     prompts = [r["messages"][:-1] for r in rows]
     fits = [l <= cap for l in ref]

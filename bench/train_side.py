@@ -3,6 +3,7 @@
     python bench/train_side.py ours RUN_DIR OUT.json        # our `train` stage (llm-pipeline train --params RUN_DIR/params.yaml)
     python bench/train_side.py ours-full-head RUN_DIR OUT.json   # the same without `compact_lm_head` (the "before" of that change)
     python bench/train_side.py ours-liger RUN_DIR OUT.json  # ours with Liger kernels (a GPU lever: bench/gpu.py)
+    python bench/train_side.py ours-maskdrop RUN_DIR OUT.json   # ours with LoRA dropout masks drawn 4 a draw (`mask_dropout`)
     python bench/train_side.py ours-sft:KEY=JSON,... RUN_DIR OUT.json   # ours with SFTConfig settings (run.py --only levers)
     python bench/train_side.py reference RUN_DIR OUT.json   # bench/reference_train.py: the 2023 trainer configuration
     python bench/train_side.py val-loss RUN_DIR OUT.json    # the adapter in RUN_DIR/models/adapter, measured on data/final/val.jsonl
@@ -133,6 +134,22 @@ def held_out(run_dir: Path, adapter: bool = True, base_eval: Path | None = None)
     return metrics
 
 
+def mask_dropout(x, p: float, training: bool = True):
+    """`F.dropout(x, p, training)`, with the mask drawn 4 elements at a time on a CPU: a lever tried, not adopted (bench/README).
+
+    On a CPU that is not Intel's, PyTorch draws a dropout mask one element at a time (`bernoulli_`: one 64-bit
+    Mersenne Twister draw each; MKL draws it on Intel CPUs only). Here each element is 16 bits of a 64-bit draw from
+    the same generator, kept when they are at least p * 65536 above the minimum (p rounded to 1/65536), so the masks
+    are the same kind (independent Bernoulli(1 - p), scaled 1 / (1 - p)) but not the same draws: a run with it is
+    another draw of the recipe than the same seed without it."""
+    import torch
+    if not training or p == 0: return x
+    if x.device.type != "cpu": return torch.nn.functional.dropout(x, p, True)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1).view(torch.int16)[:n].view(x.shape)
+    return x * torch.where(bits >= round(p * 65536) - 32768, 1 / (1 - p), 0.).to(x.dtype)
+
+
 def _with(args, **kw):
     "A copy of TRL's `SFTConfig` `args` with `kw` set (it is a dataclass)."
     import dataclasses
@@ -150,6 +167,10 @@ def main(argv: list[str]) -> None:
     stats: dict = {}
     instrument(stats)
     if side == "ours-liger": side = "ours-sft:use_liger_kernel=true"  # Liger's Triton kernels: a lever on a GPU
+    if side == "ours-maskdrop":  # every nn.Dropout of the process: in a real base's training, only LoRA's have p > 0
+        import torch
+        torch.nn.Dropout.forward = lambda self, x: mask_dropout(x, self.p, self.training)
+        side = "ours"
     if side in ("ours", "ours-full-head") or side.startswith("ours-sft:"):
         from llm_pipeline.cli import main as cli
         import llm_pipeline.train
@@ -167,7 +188,7 @@ def main(argv: list[str]) -> None:
         sys.path.insert(0, str(BENCH))
         import reference_train
         stats.update(reference_train.main(run_dir))
-    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | ours-liger | ours-sft:KEY=JSON,... | reference | val-loss | eval-base | held-out")
+    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | ours-liger | ours-maskdrop | ours-sft:KEY=JSON,... | reference | val-loss | eval-base | held-out")
     import torch
     if torch.cuda.is_available():
         torch.cuda.synchronize()
