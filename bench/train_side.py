@@ -144,7 +144,7 @@ def mask_dropout(x, p: float, training: bool = True):
     another draw of the recipe than the same seed without it."""
     import torch
     if not training or p == 0: return x
-    if x.device.type != "cpu": return torch.nn.functional.dropout(x, p, True)
+    if x.device.type != "cpu" or p == 1: return torch.nn.functional.dropout(x, p, True)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1).view(torch.int16)[:n].view(x.shape)
     return x * torch.where(bits >= round(p * 65536) - 32768, 1 / (1 - p), 0.).to(x.dtype)
@@ -167,7 +167,8 @@ def main(argv: list[str]) -> None:
     stats: dict = {}
     instrument(stats)
     if side == "ours-liger": side = "ours-sft:use_liger_kernel=true"  # Liger's Triton kernels: a lever on a GPU
-    if side == "ours-maskdrop":  # every nn.Dropout of the process: in a real base's training, only LoRA's have p > 0
+    if side == "ours-maskdrop":  # every nn.Dropout of the process: a Llama-architecture base (SmolLM2, tiny) has none of its
+        # own (its attention dropout is functional), so these are LoRA's
         import torch
         torch.nn.Dropout.forward = lambda self, x: mask_dropout(x, self.p, self.training)
         side = "ours"
