@@ -154,8 +154,9 @@ def mask_dropout(x, p: float, training: bool = True):
 def unlikelihood_loss(hidden, labels, head, chunk: int = 256):
     """Token-level unlikelihood (Welleck et al. 2019, arXiv:1908.04319) of shifted `labels` given `hidden` ([batch, length,
     hidden] and [batch, length], -100 untrained): the sum over trained positions of -log(1 - p(c)) for each token c that
-    the row's earlier trained positions hold, the position's own target excepted (1 - p clamped at 1e-5). The LM `head`
-    scores only trained positions, `chunk` at a time: never [batch, length, vocab]."""
+    the row's earlier trained positions hold (the reply so far; with a template that marks every assistant turn, also the
+    row's earlier replies), the position's own target excepted (1 - p clamped at 1e-5). The LM `head` scores only
+    trained positions, `chunk` at a time: never [batch, length, vocab]."""
     import torch
     mask = labels != -100
     hs, tgt, rows = hidden[mask], labels[mask], mask.nonzero()[:, 0]
@@ -180,7 +181,10 @@ def unlikelihood_loss(hidden, labels, head, chunk: int = 256):
 def add_unlikelihood(alpha: float) -> None:
     """Every `SFTTrainer` of the process trains on its loss plus `alpha` x `unlikelihood_loss` per trained token (logged
     as `unlikelihood`): a lever against greedy loops, tried, not adopted (bench/README). The backbone's last hidden
-    state is taken from the forward TRL runs (a hook), so the base is not run twice; only the head is."""
+    state is taken from the forward TRL runs with gradients (a hook; not from a no-grad forward TRL may add for its
+    metrics), so the base is not run twice; only the head is. One process, TRL's own LM head: no DDP scaling, no
+    logit scale or softcapping."""
+    import torch
     from trl import SFTTrainer
     loss_fn = SFTTrainer.compute_loss
 
@@ -189,7 +193,8 @@ def add_unlikelihood(alpha: float) -> None:
         if not model.training: return loss_fn(self, model, inputs, return_outputs, num_items_in_batch)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         seen = {}
-        hook = getattr(inner, inner.base_model_prefix).register_forward_hook(lambda m, a, o: seen.update(h=o.last_hidden_state))
+        keep = lambda m, a, o: torch.is_grad_enabled() and seen.update(h=o.last_hidden_state)
+        hook = getattr(inner, inner.base_model_prefix).register_forward_hook(keep)
         try: out = loss_fn(self, model, inputs, return_outputs, num_items_in_batch)
         finally: hook.remove()
         labels = inputs["labels"][:, 1:]
