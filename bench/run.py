@@ -266,7 +266,7 @@ TRAIN_VARIANTS = {"full-head": ("ours, every position to the LM head", "ours-ful
                   "fp32": ("ours in fp32", "ours", {"train": {"precision": "fp32"}}),  # before bf16 on a native-bf16 CPU (real base)
                   "dropout0": ("ours, LoRA dropout 0", "ours", {"lora": {"dropout": 0.0}}),  # the lever that shortens Trainer.train() most, with its held-out figures
                   "maskdrop": ("ours, LoRA dropout masks 4 a draw", "ours-maskdrop", {}),  # the same dropout, drawn cheaper: another draw of the recipe
-                  "unlikelihood": ("ours + unlikelihood 1.0", "ours-unlikelihood:1.0", {})}  # against greedy loops (quality: bench/README)
+                  "unlikelihood": ("ours + unlikelihood 1.0", "ours", {"train": {"unlikelihood": 1.0}})}  # against greedy loops (quality: bench/README)
 TRAIN_BASES = ("tiny", "smollm2-135m")  # --train-base: the random toy, or the embedded real model (held-out metrics too)
 
 

@@ -4,7 +4,6 @@
     python bench/train_side.py ours-full-head RUN_DIR OUT.json   # the same without `compact_lm_head` (the "before" of that change)
     python bench/train_side.py ours-liger RUN_DIR OUT.json  # ours with Liger kernels (a GPU lever: bench/gpu.py)
     python bench/train_side.py ours-maskdrop RUN_DIR OUT.json   # ours with LoRA dropout masks drawn 4 a draw (`mask_dropout`)
-    python bench/train_side.py ours-unlikelihood:ALPHA RUN_DIR OUT.json   # ours + ALPHA x token-level unlikelihood (`add_unlikelihood`)
     python bench/train_side.py ours-sft:KEY=JSON,... RUN_DIR OUT.json   # ours with SFTConfig settings (run.py --only levers)
     python bench/train_side.py reference RUN_DIR OUT.json   # bench/reference_train.py: the 2023 trainer configuration
     python bench/train_side.py val-loss RUN_DIR OUT.json    # the adapter in RUN_DIR/models/adapter, measured on data/final/val.jsonl
@@ -151,61 +150,6 @@ def mask_dropout(x, p: float, training: bool = True):
     return x * torch.where(bits >= round(p * 65536) - 32768, 1 / (1 - p), 0.).to(x.dtype)
 
 
-def unlikelihood_loss(hidden, labels, head, chunk: int = 256):
-    """Token-level unlikelihood (Welleck et al. 2019, arXiv:1908.04319) of shifted `labels` given `hidden` ([batch, length,
-    hidden] and [batch, length], -100 untrained): the sum over trained positions of -log(1 - p(c)) for each token c that
-    the row's earlier trained positions hold (the reply so far; with a template that marks every assistant turn, also the
-    row's earlier replies), the position's own target excepted (1 - p clamped at 1e-5). The LM `head` scores only
-    trained positions, `chunk` at a time: never [batch, length, vocab]."""
-    import torch
-    mask = labels != -100
-    hs, tgt, rows = hidden[mask], labels[mask], mask.nonzero()[:, 0]
-    n = len(tgt)
-    idx = torch.arange(n, device=tgt.device)
-    first = torch.ones(n, dtype=torch.bool, device=tgt.device)
-    first[1:] = rows[1:] != rows[:-1]
-    start = torch.cummax(torch.where(first, idx, 0), 0).values  # where each position's row starts, among trained positions
-    total = hidden.sum() * 0  # connected to the model even when nothing is trained
-    for j in range(0, n, chunk):
-        i = idx[j:j + chunk]
-        k = int((i - start[i]).max()) + 1  # the longest row prefix in this chunk
-        prev = start[i, None] + torch.arange(k, device=tgt.device)  # earlier positions of the same row...
-        prev = torch.where(prev < i[:, None], tgt[prev.clamp(max=n - 1)], tgt[i, None])  # ...their tokens (else the target)
-        p = torch.softmax(head(hs[i]).float(), -1)
-        cand = torch.zeros_like(p, dtype=torch.bool).scatter_(1, prev, True)
-        cand[torch.arange(len(i), device=tgt.device), tgt[i]] = False
-        total = total - torch.log((1 - p[cand]).clamp(min=1e-5)).sum()
-    return total
-
-
-def add_unlikelihood(alpha: float) -> None:
-    """Every `SFTTrainer` of the process trains on its loss plus `alpha` x `unlikelihood_loss` per trained token (logged
-    as `unlikelihood`): a lever against greedy loops, tried, not adopted (bench/README). The backbone's last hidden
-    state is taken from the forward TRL runs with gradients (a hook; not from a no-grad forward TRL may add for its
-    metrics), so the base is not run twice; only the head is. One process, TRL's own LM head: no DDP scaling, no
-    logit scale or softcapping."""
-    import torch
-    from trl import SFTTrainer
-    loss_fn = SFTTrainer.compute_loss
-
-    @functools.wraps(loss_fn)
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training: return loss_fn(self, model, inputs, return_outputs, num_items_in_batch)
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        seen = {}
-        keep = lambda m, a, o: torch.is_grad_enabled() and seen.update(h=o.last_hidden_state)
-        hook = getattr(inner, inner.base_model_prefix).register_forward_hook(keep)
-        try: out = loss_fn(self, model, inputs, return_outputs, num_items_in_batch)
-        finally: hook.remove()
-        labels = inputs["labels"][:, 1:]
-        ul = unlikelihood_loss(seen["h"][:, :-1], labels, inner.get_output_embeddings())
-        ul = ul / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum().clamp(min=1))
-        self._metrics["train"]["unlikelihood"].append(float(ul))
-        return (out[0] + alpha * ul, out[1]) if return_outputs else out + alpha * ul
-
-    SFTTrainer.compute_loss = compute_loss
-
-
 def _with(args, **kw):
     "A copy of TRL's `SFTConfig` `args` with `kw` set (it is a dataclass)."
     import dataclasses
@@ -228,9 +172,6 @@ def main(argv: list[str]) -> None:
         import torch
         torch.nn.Dropout.forward = lambda self, x: mask_dropout(x, self.p, self.training)
         side = "ours"
-    if side.startswith("ours-unlikelihood:"):
-        add_unlikelihood(float(side.split(":", 1)[1]))
-        side = "ours"
     if side in ("ours", "ours-full-head") or side.startswith("ours-sft:"):
         from llm_pipeline.cli import main as cli
         import llm_pipeline.train
@@ -248,7 +189,7 @@ def main(argv: list[str]) -> None:
         sys.path.insert(0, str(BENCH))
         import reference_train
         stats.update(reference_train.main(run_dir))
-    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | ours-liger | ours-maskdrop | ours-unlikelihood:ALPHA | ours-sft:KEY=JSON,... | reference | val-loss | eval-base | held-out")
+    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | ours-liger | ours-maskdrop | ours-sft:KEY=JSON,... | reference | val-loss | eval-base | held-out")
     import torch
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -30,7 +30,7 @@ FINAL_ADAPTER = "final-adapter"  # FSDP: the adapter gathered from the shards at
 # launch it) resumes the run, so halving the eval batch after an out-of-memory error keeps the steps already trained
 TRAIN_MATH = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size",
               "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "max_length",
-              "overlong", "train_sampling_strategy", "packing")
+              "overlong", "train_sampling_strategy", "packing", "unlikelihood")
 
 def run_fingerprint(cfg: Config, paths: Paths) -> dict:
     "Everything a training result depends on (params, data, base) and a short id of it."

@@ -164,6 +164,7 @@ class TrainCfg(Section):
     save_total_limit: int = Field(2, ge=2)  # checkpoints kept per run, at least 2: the Trainer deletes old ones before the new one is complete
     logging_steps: int = Field(5, ge=1)  # train loss logged to dvclive every this many steps
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    unlikelihood: float = Field(0.0, ge=0)  # weight of token-level unlikelihood: at each trained token, the tokens its reply already holds are pushed down (against greedy loops; 0: off)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the hardware computes it natively (Ampere+ GPUs; CPUs with AVX-512-bf16 or AMX, real bases only), fp16 on older GPUs, else fp32
     global_batch_size: Optional[int] = Field(None, ge=1)  # rows per optimizer step over all processes: sets gradient accumulation
     launcher: Literal["none", "torchrun", "accelerate"] = "none"  # how `train` starts one process per GPU

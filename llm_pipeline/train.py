@@ -19,8 +19,8 @@ from .model import (BASE_FILE, ModelError, chat_messages, is_fsdp, load_base_mod
 
 # %% auto #0
 __all__ = ['global_step_dvclive_callback', 'use_dvclive', 'assistant_only', 'training_rows', 'sft_config', 'lora_config',
-           'compact_lm_head', 'token_lengths', 'fit_length', 'packed_problems', 'mask_preview', 'check_mask',
-           'plot_losses', 'run_train_loss', 'train']
+           'compact_lm_head', 'unlikelihood_loss', 'add_unlikelihood', 'token_lengths', 'fit_length', 'packed_problems',
+           'mask_preview', 'check_mask', 'plot_losses', 'run_train_loss', 'train']
 
 # %% ../nbs/05_train.ipynb #73b8ec7b
 def global_step_dvclive_callback(live_dir: Path, resume_from: Path | None):
@@ -101,6 +101,57 @@ def compact_lm_head() -> bool:
     compact.compact_cpu, compact.__wrapped__ = True, use
     U._use_triton = compact
     return True
+
+# %% ../nbs/05_train.ipynb #61aa1f87
+def unlikelihood_loss(hidden, labels, head, chunk: int = 256):
+    """Token-level unlikelihood of shifted `labels` given `hidden` ([batch, length, hidden] and [batch, length], -100
+    untrained): the sum over trained positions of -log(1 - p(c)) for each token c that the row's earlier trained positions
+    hold, the position's own target excepted (1 - p clamped at 1e-5). The LM `head` scores only trained positions,
+    `chunk` at a time: never [batch, length, vocab]."""
+    import torch
+    mask = labels != -100
+    hs, tgt, rows = hidden[mask], labels[mask], mask.nonzero()[:, 0]
+    n = len(tgt)
+    idx = torch.arange(n, device=tgt.device)
+    first = torch.ones(n, dtype=torch.bool, device=tgt.device)
+    first[1:] = rows[1:] != rows[:-1]
+    start = torch.cummax(torch.where(first, idx, 0), 0).values  # where each position's row starts, among trained positions
+    total = hidden.sum() * 0  # connected to the model even when nothing is trained
+    for j in range(0, n, chunk):
+        i = idx[j:j + chunk]
+        k = int((i - start[i]).max()) + 1  # the longest row prefix in this chunk
+        prev = start[i, None] + torch.arange(k, device=tgt.device)  # earlier positions of the same row...
+        prev = torch.where(prev < i[:, None], tgt[prev.clamp(max=n - 1)], tgt[i, None])  # ...their tokens (else the target)
+        p = torch.softmax(head(hs[i]).float(), -1)
+        cand = torch.zeros_like(p, dtype=torch.bool).scatter_(1, prev, True)
+        cand[torch.arange(len(i), device=tgt.device), tgt[i]] = False
+        total = total - torch.log((1 - p[cand]).clamp(min=1e-5)).sum()
+    return total
+
+
+def add_unlikelihood(trainer, alpha: float) -> None:
+    "Train `trainer` on its loss plus `alpha` x `unlikelihood_loss` per trained token (logged as `unlikelihood`)."
+    import torch
+    if is_fsdp(): raise ModelError("train.unlikelihood needs the whole LM head in each process: not under FSDP (set it to 0)")
+    loss_fn, inner = trainer.compute_loss, trainer.model
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    backbone, head = getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training: return loss_fn(model, inputs, return_outputs, num_items_in_batch)
+        seen = {}
+        keep = lambda m, a, o: torch.is_grad_enabled() and seen.update(h=o.last_hidden_state)  # not a no-grad forward for metrics
+        hook = backbone.register_forward_hook(keep)
+        try: out = loss_fn(model, inputs, return_outputs, num_items_in_batch)
+        finally: hook.remove()
+        labels = inputs["labels"][:, 1:]
+        ul = unlikelihood_loss(seen["h"][:, :-1], labels, head)
+        ul = ul / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum().clamp(min=1))
+        trainer._metrics["train"]["unlikelihood"].append(float(ul))
+        if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+            ul = ul * trainer.accelerator.num_processes  # as TRL scales its own loss: DDP averages the gradients
+        return (out[0] + alpha * ul, out[1]) if return_outputs else out + alpha * ul
+    trainer.compute_loss = compute_loss
 
 # %% ../nbs/05_train.ipynb #4c88ef97
 def token_lengths(rows: list[dict], tok) -> list[int]:
@@ -255,6 +306,7 @@ def train(cfg: Config, paths: Paths) -> dict:
                              train_dataset=Dataset.from_list(training_rows(train_rows, tok)),
                              eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
                              processing_class=tok, peft_config=lora_config(cfg))
+        if cfg.train.unlikelihood: add_unlikelihood(trainer, cfg.train.unlikelihood)
         check_mask(trainer, tok, paths.root/"reports"/"train"/"mask_preview.md" if main else None)
         if cfg.model.quantization != "none" and args.device.type == "cpu":
             # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); on a CPU keep them fp32: 2.6x faster where compute is fp32
