@@ -1,6 +1,6 @@
 """The GPU benchmark: the pipeline's own stages on a GPU, ours vs the 2023 recipe (bench/README.md, "gpu").
 
-    python bench/gpu.py                                   # on a GPU, within --time-budget (450 s)
+    python bench/gpu.py                                   # on a GPU, within --time-budget (420 s)
     python bench/gpu.py --device cpu --shape tiny --json OUT.json   # its smoke test: the same code on a CPU (~1 min)
 
 Sections (`--sections`, in this order; each row is written to the JSON as soon as it is measured, so a run cut short
@@ -40,7 +40,7 @@ Figures per row:
   recompute is not model FLOPs, so it lowers MFU: that is the point of the figure.
 
 The GPU machine (FINDINGS.md, "The GPU test machine") has torch, transformers, peft, accelerate, pyarrow, pandas,
-PyYAML; it has no network. The rest travels as wheels (GPU_WHEELS below, 52 MB for Python 3.12), fetched here with
+PyYAML; it has no network. The rest travels as wheels (GPU_WHEELS below, 53 MB for Python 3.12), fetched here with
     python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl $(python bench/gpu.py --wheels)
@@ -56,14 +56,15 @@ ROOT = BENCH.parent
 RESULTS = BENCH/"results"
 
 # What the GPU machine lacks, pinned to the versions the project's lock installs here (a test holds them equal): found by
-# running this script's --device cpu smoke run in a venv holding only the GPU machine's packages plus these; 52 MB
-# for Python 3.12 (bitsandbytes is 43 of it). liger-kernel (Triton) is only exercised on a GPU.
+# running this script's --device cpu smoke run in a venv holding only the GPU machine's packages plus these; 53 MB
+# for Python 3.12 (bitsandbytes is 43 of it). liger-kernel (Triton) is only exercised on a GPU. peft is on the machine,
+# in a version nobody recorded, and transformers 5.17 needs peft >= 0.19.1: ours travels too (0.8 MB).
 GPU_WHEELS = (
     "annotated-types==0.8.0", "atpublic==9.0.0", "bitsandbytes==0.50.2", "configobj==5.0.9", "datasets==5.0.1",
     "dill==0.4.1", "diskcache==5.6.3", "dpath==2.2.0", "dulwich==1.2.21", "dvc-data==3.18.3", "dvc-http==2.32.0",
     "dvc-objects==5.2.0", "dvc-render==1.0.2", "dvc-studio-client==0.23.0", "dvc==3.67.1", "dvclive==3.49.1",
     "flatten-dict==0.5.0", "flufl-lock==9.2.0", "funcy==2.1", "liger-kernel==0.8.5", "multiprocess==0.70.19",
-    "orjson==3.13.0", "platformdirs==4.14.9", "pydantic-core==2.50.5", "pydantic==2.14.4", "pygtrie==2.6.2",
+    "orjson==3.13.0", "peft==0.21.2", "platformdirs==4.14.9", "pydantic-core==2.50.5", "pydantic==2.14.4", "pygtrie==2.6.2",
     "ruamel-yaml==0.19.1", "scmrepo==3.6.2", "sqltrie==0.11.3", "trl==1.16.0", "typing-inspection==0.4.5",
     "voluptuous==0.16.0", "zc-lockfile==4.0",
 )
@@ -100,7 +101,9 @@ def main(argv=None):
     ap.add_argument("--sections", default="small,pipeline,levers", help="comma-separated, run in this order: small, pipeline, levers")
     ap.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default 1024,2048; tiny: 64,128)")
     ap.add_argument("--sides", default="ours,reference")
-    ap.add_argument("--time-budget", type=float, default=450, help="seconds; configurations past it are reported as skipped")
+    ap.add_argument("--time-budget", type=float, default=420,
+                    help="seconds; a configuration that would start past it is skipped, one still running then is killed "
+                         "(420: with the start-up, the wheels' install and the cleanup, the run stays under 8 minutes)")
     ap.add_argument("--json", default=None, help="write the rows here (default on a GPU: bench/results/<date>-<gpu>.json)")
     ap.add_argument("--wheels", action="store_true", help="print the wheels the GPU machine needs (GPU_WHEELS), then exit")
     ap.add_argument("--work", default=None, help="scratch folder for the random base and the runs (default: a temp dir, removed)")
@@ -124,9 +127,11 @@ def main(argv=None):
     print(f"bench/gpu.py: {name}, peak bf16 {peak} TFLOPs, shape {a.shape}, seqs {seqs}, sections {sections}", flush=True)
     res = {"date": time.strftime("%Y-%m-%d"), "device": name, "peak_bf16_tflops": peak, "shape": a.shape,
            "torch": torch.__version__, "sections": sections, "rows": [], "complete": False}
-    for mod in ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger_kernel"):
-        try: res[mod] = __import__(mod).__version__
-        except Exception: res[mod] = None
+    from importlib.metadata import PackageNotFoundError, version
+    for mod in ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger-kernel", "triton", "pydantic",
+                "typing_extensions", "pyarrow", "fsspec"):  # (liger-kernel has no __version__: read the installed metadata)
+        try: res[mod] = version(mod)
+        except PackageNotFoundError: res[mod] = None
     def save(row=None):  # after every row, so a run cut short (a killed job, a lost machine) keeps what it measured
         if row is not None: res["rows"].append(row)
         res["wall_s"] = round(time.monotonic() - t0, 1)
@@ -137,10 +142,14 @@ def main(argv=None):
             os.replace(json_path + ".tmp", json_path)
     import tempfile, shutil
     work = Path(a.work or tempfile.mkdtemp(prefix="llm-pipeline-gpu-"))
+    res["work"], res["work_free_gb"] = str(work), round(shutil.disk_usage(work).free / 1e9, 1)  # the 7B base takes 13.5 GB
+    print(f"bench/gpu.py: scratch {work}, {res['work_free_gb']} GB free", flush=True)
+    save()  # the versions and the machine, before the first row
     sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(BENCH))
     import gpu_pipeline as gp
     try:
         for section in sections:
+            if section == "levers" and "pipeline" in sections: continue  # the pipeline section ran (or skipped) them
             if time.monotonic() > deadline: save({"section": section, "status": "skipped (time budget)"}); continue
             try:
                 if section == "small":

@@ -114,8 +114,9 @@ def train_row(side: str, run: Path, timeout: float, env: dict | None = None) -> 
     try:
         r = subprocess.run([sys.executable, str(BENCH/"train_side.py"), side, str(run), str(out)], cwd=run, env=env,
                            capture_output=True, text=True, timeout=max(timeout, 1))
-    except subprocess.TimeoutExpired:
-        return {"status": "skipped (time budget)", "process_s": round(time.perf_counter() - t0, 1)}
+    except subprocess.TimeoutExpired:  # it ran, and was stopped: not a configuration that never started
+        return {"status": f"killed at the time budget after {time.perf_counter() - t0:.0f} s",
+                "process_s": round(time.perf_counter() - t0, 1)}
     wall = round(time.perf_counter() - t0, 1)
     if r.returncode or not out.exists():
         text = (r.stderr or r.stdout).strip()
@@ -176,7 +177,7 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
     from llm_pipeline.model import build_base
     from reference_train import GPU_2023
     cuda = device != "cpu"
-    if time.monotonic() > deadline - 60:
+    if time.monotonic() > deadline - 150:  # the 7B base (15-40 s to write), its fingerprint (a hash of 13.5 GB) and one row
         row = {"section": "pipeline", "status": "skipped (time budget)"}; on_row(row); return [row]
     tok_dir = tiny_tokenizer_dir(work)
     t = time.perf_counter()
@@ -198,7 +199,7 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
     configs = [(s, seq, {}) for seq in seqs for s in sides]
     if levers:  # Liger's kernels are Triton: CUDA only
         configs += [("ours-liger", seqs[-1], {})] * cuda + [("ours", seqs[-1], {"packing": True})]
-    rows = []
+    rows, last_s = [], 30.0  # the last configuration's process time: one is not started with less time left than that
     for side, seq, extra in configs:
         name = side + (" + padding-free" if extra.get("packing") else "")
         n_rows = 48 if cuda else 24
@@ -208,7 +209,7 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
         train = {"max_length": seq, "num_train_epochs": 1.0, "max_steps": -1, "eval_strategy": "no", "save_steps": 100000,
                  "logging_steps": 1, "checkpoint_dir": "checkpoints", **extra}
         if not cuda: train.update(optim="adamw_torch", per_device_train_batch_size=2, global_batch_size=4)
-        batch, asked = None, None  # None: the recipe's own micro-batch; after an OOM, half of the last one
+        batch, asked, why = None, None, "estimated"  # batch None: the recipe's own micro-batch; after an OOM, half of the last
         while True:
             tr = {**raw.get("train", {}), **train}
             if batch is not None and side != "reference": tr["per_device_train_batch_size"] = batch  # global batch kept
@@ -221,18 +222,20 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
             ran_batch = batch if side == "reference" else cfg.train.per_device_train_batch_size
             asked = asked or ran_batch
             remaining = deadline - time.monotonic()
-            if remaining < 30: row = {"status": "skipped (time budget)"}; break
+            if remaining < last_s: row = {"status": f"skipped (time budget: {remaining:.0f} s left, the last took {last_s:.0f})"}; break
             res = train_row(side, run, remaining,  # reference_train.py reads its batch from there
                             {"LLM_PIPELINE_BENCH_REFERENCE_BATCH": str(ran_batch)} if side == "reference" else None)
+            last_s = max(res.get("process_s", 0), 30.0)
             if res["status"] == "OOM" and ran_batch > 1:
-                shutil.rmtree(run, ignore_errors=True); batch = ran_batch // 2; continue
+                shutil.rmtree(run, ignore_errors=True); batch, why = ran_batch // 2, "OOM"; continue
             row = {**res, "batch": ran_batch}
             break
         out = {"section": "levers" if (extra or side == "ours-liger") else "pipeline", "side": name, "seq": seq,
-               "asked_batch": asked, **{k: v for k, v in row.items() if k != "steps"}}
+               "asked_batch": asked, **row}  # `steps` kept: each micro-batch's start and tokens, to recheck tokens/s
         if row.get("status") == "ok":
             tps, timed = steady(row, row["batch"])
-            if row["batch"] != asked: out["status"] = f"ok at batch {row['batch']} (batch {asked}: OOM, measured or estimated)"
+            if row["batch"] != asked:  # the reference starts at what the estimate says fits; a real OOM halves it again
+                out["status"] = f"ok at batch {row['batch']} (batch {asked} does not fit: {why})"
             out.update(tokens_per_s=tps, timed_micro_batches=timed)
             targets = cfg.lora.target_modules if side != "reference" else GPU_2023["target_modules"]
             fpt = flops_per_token(model_shape(cfg, run), cfg.lora.r, targets, attn_len)  # the base folder's config.json
@@ -243,7 +246,7 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
             if out.get("peak_allocated_gib") and "estimate_allocated_gib_without_paged_state" in out:
                 out["estimate_over_measured"] = out["estimate_allocated_gib_without_paged_state"] / out["peak_allocated_gib"]
         rows.append(out)
-        print(json.dumps({k: v for k, v in out.items() if k != "estimate_terms_gib"}), flush=True)
+        print(json.dumps({k: v for k, v in out.items() if k not in ("estimate_terms_gib", "steps")}), flush=True)
         on_row(out)
         shutil.rmtree(run, ignore_errors=True)
     return rows
@@ -260,6 +263,9 @@ def small_pipeline(device: str, work: Path) -> dict:
     raw["model"]["quantization"] = "4bit"
     raw.setdefault("train", {}).update(precision="bf16" if device != "cpu" else "fp32", max_steps=12, eval_strategy="no",
                                        save_steps=6)
+    # on a GPU, the 7B rows' paged AdamW (bitsandbytes' kernel, CUDA managed memory) first here, where a failure costs
+    # seconds, not every 7B row
+    if device != "cpu": raw["train"]["optim"] = "paged_adamw_32bit"
     raw.setdefault("eval", {}).update(max_generic_prompts=6, max_new_tokens=24)
     paths = scratch_project(ROOT, work/"small")
     (paths.root/"params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
