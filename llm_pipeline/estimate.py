@@ -15,9 +15,9 @@ from .tasks import CloudError
 
 # %% auto #0
 __all__ = ['SHAPES', 'LM_HEAD_TILE', 'WEIGHT_BYTES', 'OPTIM_BYTES', 'GIB', 'GPU_SPECS', 'ModelShape', 'model_shape',
-           'weight_bytes', 'gpu_dtype', 'lora_params', 'optim_kind', 'MemoryEstimate', 'estimate_memory',
-           'estimate_for', 'estimate_eval', 'stage_estimates', 'sharded_estimate', 'gpu_spec', 'train_tokens',
-           'train_hours', 'gpu_options']
+           'weight_bytes', 'gpu_dtype', 'lora_params', 'optim_kind', 'MemoryEstimate', 'kbit_layer_bytes',
+           'estimate_memory', 'estimate_for', 'estimate_eval', 'stage_estimates', 'sharded_estimate', 'gpu_spec',
+           'train_tokens', 'train_hours', 'gpu_options']
 
 # %% ../nbs/11a_estimate.ipynb #3b3f022c
 @dataclass(frozen=True)
@@ -112,6 +112,21 @@ class MemoryEstimate:
 
 
 # %% ../nbs/11a_estimate.ipynb #d4f6e5c5
+def kbit_layer_bytes(shape: ModelShape, r: int, targets="all-linear", dropout: float = 0.0, act_b: int = 2) -> int:
+    """Bytes one decoder layer of a k-bit base keeps for its backward, per token, under `act_b`-byte autocast: after
+    `prepare_model_for_kbit_training` the norms are fp32, so the residual stream entering each norm and the MLP's gate,
+    activation and up outputs are fp32 (bitsandbytes' linears return their input's dtype); SDPA keeps q, k, v and its
+    output in the compute dtype and a logsumexp; each LoRA module keeps autocast's copy of its input (o_proj's is SDPA's
+    output unless dropout copies it), its B input, and with dropout a bool mask (CUDA's fused dropout)."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    mods = shape.linear_shapes()
+    names = list(mods) if targets in ("all-linear", None) else [t for t in targets if t in mods]
+    b = 2 * h * 4 + 8 + (2 * h + 2 * kv) * act_b + 4 * shape.heads + 3 * i * 4
+    for n in names:
+        d_in = mods[n][0]
+        b += (d_in * act_b if dropout > 0 or n != "o_proj" else 0) + r * act_b + (d_in if dropout > 0 else 0)
+    return b
+
 def estimate_memory(shape: ModelShape, quantization: str = "4bit", lora_r: int = 64, targets="all-linear",
                     lora_dropout: float = 0.0, modules_to_save=None, micro_batch: int = 4, seq_len: int = 1024,
                     gradient_checkpointing: bool = True, optim: str = "paged_adamw_32bit",
@@ -124,9 +139,15 @@ def estimate_memory(shape: ModelShape, quantization: str = "4bit", lora_r: int =
     for m in modules_to_save or []:
         trainable += V * h if m in ("lm_head", "embed_tokens") else 0
     tokens = micro_batch * seq_len
-    per_layer = tokens * (10 * h + 4 * i) * act_b + (tokens * (4 * h + 2 * i) * act_b if lora_dropout > 0 else 0)
-    acts = L * tokens * h * act_b + per_layer if gradient_checkpointing else L * per_layer
     kbit = quantization in ("4bit", "8bit")
+    if kbit:  # measured on the real stack (`kbit_layer_bytes`): fp32 residual stream, fp32 MLP, the backward's temporaries
+        per_layer, res_b = kbit_layer_bytes(shape, lora_r, targets, lora_dropout, act_b), 4
+        temp = (14 * h + 10 * i if lora_dropout > 0 else 9 * h + 9 * i) if gradient_checkpointing else \
+               (8 * h + 9 * i if lora_dropout > 0 else 12 * h + 7 * i)
+        acts = tokens * ((L * h * res_b + per_layer - h * res_b if gradient_checkpointing else L * per_layer) + temp)
+    else:  # a 16-bit base: not measured
+        per_layer = tokens * (10 * h + 4 * i) * act_b + (tokens * (4 * h + 2 * i) * act_b if lora_dropout > 0 else 0)
+        acts = L * tokens * h * act_b + per_layer if gradient_checkpointing else L * per_layer
     # k-bit preparation upcasts what is not quantized (embeddings, head, norms) to fp32; TRL then casts a QLoRA run's
     # adapters to bf16, while peft keeps a 16-bit base's adapters in fp32; the optimizer's state is fp32 either way
     adapter_b = 2 if kbit and act_b == 2 else 4
