@@ -40,7 +40,7 @@ Figures per row:
   recompute is not model FLOPs, so it lowers MFU: that is the point of the figure.
 
 The GPU machine (FINDINGS.md, "The GPU test machine") has torch, transformers, peft, accelerate, pyarrow, pandas,
-PyYAML; it has no network. The rest travels as wheels (GPU_WHEELS below, 53 MB for Python 3.12), fetched here with
+PyYAML; it has no network. The rest travels as wheels (GPU_WHEELS below, 52 MB for Python 3.12), fetched here with
     python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl $(python bench/gpu.py --wheels)
@@ -56,7 +56,7 @@ ROOT = BENCH.parent
 RESULTS = BENCH/"results"
 
 # What the GPU machine lacks, pinned to the versions the project's lock installs here (a test holds them equal): found by
-# running this script's --device cpu smoke run in a venv holding only the GPU machine's packages plus these; 53 MB
+# running this script's --device cpu smoke run in a venv holding only the GPU machine's packages plus these; 52 MB
 # for Python 3.12 (bitsandbytes is 43 of it). liger-kernel (Triton) is only exercised on a GPU. peft is on the machine,
 # in a version nobody recorded, and transformers 5.17 needs peft >= 0.19.1: ours travels too (0.8 MB).
 GPU_WHEELS = (
@@ -128,8 +128,9 @@ def main(argv=None):
     res = {"date": time.strftime("%Y-%m-%d"), "device": name, "peak_bf16_tflops": peak, "shape": a.shape,
            "torch": torch.__version__, "sections": sections, "rows": [], "complete": False}
     from importlib.metadata import PackageNotFoundError, version
+    res["python"], res["cuda"] = platform.python_version(), torch.version.cuda
     for mod in ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger-kernel", "triton", "pydantic",
-                "typing_extensions", "pyarrow", "fsspec"):  # (liger-kernel has no __version__: read the installed metadata)
+                "typing_extensions", "pyarrow", "fsspec", "numpy", "safetensors", "huggingface_hub"):  # (liger-kernel has no __version__: read the installed metadata)
         try: res[mod] = version(mod)
         except PackageNotFoundError: res[mod] = None
     def save(row=None):  # after every row, so a run cut short (a killed job, a lost machine) keeps what it measured
@@ -142,6 +143,7 @@ def main(argv=None):
             os.replace(json_path + ".tmp", json_path)
     import tempfile, shutil
     work = Path(a.work or tempfile.mkdtemp(prefix="llm-pipeline-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
     res["work"], res["work_free_gb"] = str(work), round(shutil.disk_usage(work).free / 1e9, 1)  # the 7B base takes 13.5 GB
     print(f"bench/gpu.py: scratch {work}, {res['work_free_gb']} GB free", flush=True)
     save()  # the versions and the machine, before the first row
@@ -161,7 +163,8 @@ def main(argv=None):
                                      on_row=save)
             except Exception as e:  # one broken section must not cost the others
                 import traceback; traceback.print_exc()
-                save({"section": section, "status": f"error: {type(e).__name__}: {str(e)[:300]}"})
+                save({"section": section + (" and levers" if section == "pipeline" and "levers" in sections else ""),
+                      "status": f"error: {type(e).__name__}: {str(e)[:300]}"})
     finally:
         if a.work is None: shutil.rmtree(work, ignore_errors=True)
     res["complete"] = True

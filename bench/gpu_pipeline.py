@@ -114,9 +114,10 @@ def train_row(side: str, run: Path, timeout: float, env: dict | None = None) -> 
     try:
         r = subprocess.run([sys.executable, str(BENCH/"train_side.py"), side, str(run), str(out)], cwd=run, env=env,
                            capture_output=True, text=True, timeout=max(timeout, 1))
-    except subprocess.TimeoutExpired:  # it ran, and was stopped: not a configuration that never started
+    except subprocess.TimeoutExpired as e:  # it ran, and was stopped: not a configuration that never started
+        text = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         return {"status": f"killed at the time budget after {time.perf_counter() - t0:.0f} s",
-                "process_s": round(time.perf_counter() - t0, 1)}
+                "process_s": round(time.perf_counter() - t0, 1), "log_tail": text.strip().splitlines()[-25:]}
     wall = round(time.perf_counter() - t0, 1)
     if r.returncode or not out.exists():
         text = (r.stderr or r.stdout).strip()
@@ -178,7 +179,8 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
     from reference_train import GPU_2023
     cuda = device != "cpu"
     if time.monotonic() > deadline - 150:  # the 7B base (15-40 s to write), its fingerprint (a hash of 13.5 GB) and one row
-        row = {"section": "pipeline", "status": "skipped (time budget)"}; on_row(row); return [row]
+        row = {"section": "pipeline" + (" and levers" if levers else ""), "status": "skipped (time budget)"}
+        on_row(row); return [row]
     tok_dir = tiny_tokenizer_dir(work)
     t = time.perf_counter()
     base = random_base(work/f"random-{shape_name}", shape, device, tok_dir)
@@ -202,6 +204,11 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
     rows, last_s = [], 30.0  # the last configuration's process time: one is not started with less time left than that
     for side, seq, extra in configs:
         name = side + (" + padding-free" if extra.get("packing") else "")
+        section = "levers" if (extra or side == "ours-liger") else "pipeline"
+        if (left := deadline - time.monotonic()) < last_s:  # before building its rows and project: nothing past the budget
+            out = {"section": section, "side": name, "seq": seq,
+                   "status": f"skipped (time budget: {left:.0f} s left, the last took {last_s:.0f})"}
+            rows.append(out); print(json.dumps(out), flush=True); on_row(out); continue
         n_rows = 48 if cuda else 24
         data = synthetic_rows(tok, n_rows, seq, seed=seq)
         lens = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in data]
@@ -209,7 +216,7 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
         train = {"max_length": seq, "num_train_epochs": 1.0, "max_steps": -1, "eval_strategy": "no", "save_steps": 100000,
                  "logging_steps": 1, "checkpoint_dir": "checkpoints", **extra}
         if not cuda: train.update(optim="adamw_torch", per_device_train_batch_size=2, global_batch_size=4)
-        batch, asked, why = None, None, "estimated"  # batch None: the recipe's own micro-batch; after an OOM, half of the last
+        batch, asked, attempts = None, None, []  # batch None: the recipe's own micro-batch; after an OOM, half of the last
         while True:
             tr = {**raw.get("train", {}), **train}
             if batch is not None and side != "reference": tr["per_device_train_batch_size"] = batch  # global batch kept
@@ -219,6 +226,8 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
             if side == "reference" and batch is None:
                 asked = 8  # the 2023 recipe's; on a GPU, started at what the estimate says fits (an OOM costs a reload)
                 batch = reference_batch(cfg, run, 8, torch.cuda.get_device_properties(0).total_memory) if cuda else 8
+                attempts += [{"batch": b, "status": "not run: the estimate does not fit 90% of the GPU"}
+                             for b in (8, 4, 2) if b > batch]
             ran_batch = batch if side == "reference" else cfg.train.per_device_train_batch_size
             asked = asked or ran_batch
             remaining = deadline - time.monotonic()
@@ -226,16 +235,18 @@ def pipeline_rows(shape_name: str, shape: dict, seqs: list[int], device: str, wo
             res = train_row(side, run, remaining,  # reference_train.py reads its batch from there
                             {"LLM_PIPELINE_BENCH_REFERENCE_BATCH": str(ran_batch)} if side == "reference" else None)
             last_s = max(res.get("process_s", 0), 30.0)
-            if res["status"] == "OOM" and ran_batch > 1:
-                shutil.rmtree(run, ignore_errors=True); batch, why = ran_batch // 2, "OOM"; continue
+            if res["status"] == "OOM" and ran_batch > 1:  # kept in the row: a real OOM is evidence about the estimate
+                attempts.append({"batch": ran_batch, "status": "OOM", "process_s": res.get("process_s"),
+                                 "log_tail": res.get("log_tail", [])[-5:]})
+                shutil.rmtree(run, ignore_errors=True); batch = ran_batch // 2; continue
             row = {**res, "batch": ran_batch}
             break
-        out = {"section": "levers" if (extra or side == "ours-liger") else "pipeline", "side": name, "seq": seq,
-               "asked_batch": asked, **row}  # `steps` kept: each micro-batch's start and tokens, to recheck tokens/s
+        out = {"section": section, "side": name, "seq": seq, "asked_batch": asked, "attempts": attempts,
+               **row}  # `steps` kept: each micro-batch's start and tokens, to recheck tokens/s
         if row.get("status") == "ok":
             tps, timed = steady(row, row["batch"])
             if row["batch"] != asked:  # the reference starts at what the estimate says fits; a real OOM halves it again
-                out["status"] = f"ok at batch {row['batch']} (batch {asked} does not fit: {why})"
+                out["status"] = f"ok at batch {row['batch']} (" + "; ".join(f"batch {x['batch']}: {x['status']}" for x in attempts) + ")"
             out.update(tokens_per_s=tps, timed_micro_batches=timed)
             targets = cfg.lora.target_modules if side != "reference" else GPU_2023["target_modules"]
             fpt = flops_per_token(model_shape(cfg, run), cfg.lora.r, targets, attn_len)  # the base folder's config.json
@@ -263,8 +274,8 @@ def small_pipeline(device: str, work: Path) -> dict:
     raw["model"]["quantization"] = "4bit"
     raw.setdefault("train", {}).update(precision="bf16" if device != "cpu" else "fp32", max_steps=12, eval_strategy="no",
                                        save_steps=6)
-    # on a GPU, the 7B rows' paged AdamW (bitsandbytes' kernel, CUDA managed memory) first here, where a failure costs
-    # seconds, not every 7B row
+    # on a GPU, the 7B rows' paged AdamW (bitsandbytes' kernel, CUDA managed memory) is tried here first: a failure
+    # shows in the first minute, with this section's log, before the 7B rows (which would fail the same way)
     if device != "cpu": raw["train"]["optim"] = "paged_adamw_32bit"
     raw.setdefault("eval", {}).update(max_generic_prompts=6, max_new_tokens=24)
     paths = scratch_project(ROOT, work/"small")

@@ -112,16 +112,20 @@ class MemoryEstimate:
 
 
 # %% ../nbs/11a_estimate.ipynb #d4f6e5c5
-def kbit_layer_bytes(shape: ModelShape, r: int, targets="all-linear", dropout: float = 0.0, act_b: int = 2) -> int:
-    """Bytes one decoder layer of a k-bit base keeps for its backward, per token, under `act_b`-byte autocast: after
-    `prepare_model_for_kbit_training` the norms are fp32, so the residual stream entering each norm and the MLP's gate,
-    activation and up outputs are fp32 (bitsandbytes' linears return their input's dtype); SDPA keeps q, k, v and its
-    output in the compute dtype and a logsumexp; each LoRA module keeps autocast's copy of its input (o_proj's is SDPA's
-    output unless dropout copies it), its B input, and with dropout a bool mask (CUDA's fused dropout)."""
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+def kbit_layer_bytes(shape: ModelShape, r: int, targets="all-linear", dropout: float = 0.0, act_b: int = 2, res_b: int = 4,
+                     seq: int | None = None) -> int:
+    """Bytes one decoder layer of a 4-bit base keeps for its backward, per token, under `act_b`-byte autocast: after
+    `prepare_model_for_kbit_training` the norms are fp32 (`res_b` 4), so the residual stream entering each norm and the
+    MLP's gate, activation and up outputs are fp32 (bitsandbytes' linears return their input's dtype); SDPA keeps q, k,
+    v and its output in the compute dtype and a logsumexp; each LoRA module keeps autocast's copy of its input (o_proj's
+    is SDPA's output unless dropout copies it), its B input, and with dropout a bool mask (CUDA's fused dropout). With an
+    attention mask (a padded batch of rows of `seq` tokens) SDPA gets k and v repeated to every head, and keeps the mask
+    in the compute dtype."""
+    h, i = shape.hidden, shape.intermediate
+    kv = shape.kv_dim if seq is None else h
     mods = shape.linear_shapes()
     names = list(mods) if targets in ("all-linear", None) else [t for t in targets if t in mods]
-    b = 2 * h * 4 + 8 + (2 * h + 2 * kv) * act_b + 4 * shape.heads + 3 * i * 4
+    b = 2 * h * res_b + 8 + (2 * h + 2 * kv) * act_b + 4 * shape.heads + 3 * i * res_b + (seq or 0) * act_b
     for n in names:
         d_in = mods[n][0]
         b += (d_in * act_b if dropout > 0 or n != "o_proj" else 0) + r * act_b + (d_in if dropout > 0 else 0)
@@ -130,8 +134,9 @@ def kbit_layer_bytes(shape: ModelShape, r: int, targets="all-linear", dropout: f
 def estimate_memory(shape: ModelShape, quantization: str = "4bit", lora_r: int = 64, targets="all-linear",
                     lora_dropout: float = 0.0, modules_to_save=None, micro_batch: int = 4, seq_len: int = 1024,
                     gradient_checkpointing: bool = True, optim: str = "paged_adamw_32bit",
-                    dtype: str = "bf16", double_quant: bool = True) -> MemoryEstimate:
-    "Peak GPU memory of LoRA / QLoRA training on one GPU (see the table above)."
+                    dtype: str = "bf16", double_quant: bool = True, kbit_prepared: bool = True) -> MemoryEstimate:
+    """Peak GPU memory of LoRA / QLoRA training on one GPU (see the table above); `kbit_prepared` False for a k-bit base
+    that `prepare_model_for_kbit_training` does not upcast (under FSDP `train` skips it)."""
     wb = weight_bytes(quantization, dtype, double_quant)
     act_b = 2 if dtype in ("bf16", "fp16") else 4
     h, i, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
@@ -140,8 +145,10 @@ def estimate_memory(shape: ModelShape, quantization: str = "4bit", lora_r: int =
         trainable += V * h if m in ("lm_head", "embed_tokens") else 0
     tokens = micro_batch * seq_len
     kbit = quantization in ("4bit", "8bit")
-    if kbit:  # measured on the real stack (`kbit_layer_bytes`): fp32 residual stream, fp32 MLP, the backward's temporaries
-        per_layer, res_b = kbit_layer_bytes(shape, lora_r, targets, lora_dropout, act_b), 4
+    if kbit:  # 4-bit as measured (`kbit_layer_bytes`, the backward's temporaries); 8-bit not measured (bitsandbytes keeps
+        # its int8 inputs outside autograd: more than this)
+        res_b = 4 if kbit_prepared else act_b  # k-bit preparation's fp32 norms make the residual stream fp32
+        per_layer = kbit_layer_bytes(shape, lora_r, targets, lora_dropout, act_b, res_b, seq_len)  # padded batches
         temp = (14 * h + 10 * i if lora_dropout > 0 else 9 * h + 9 * i) if gradient_checkpointing else \
                (8 * h + 9 * i if lora_dropout > 0 else 12 * h + 7 * i)
         acts = tokens * ((L * h * res_b + per_layer - h * res_b if gradient_checkpointing else L * per_layer) + temp)
@@ -155,7 +162,7 @@ def estimate_memory(shape: ModelShape, quantization: str = "4bit", lora_r: int =
     # the fp32 copy of the hidden states it projects; never the whole [batch, length, vocab] logits
     head = min(tokens, LM_HEAD_TILE[0]) * min(V, LM_HEAD_TILE[1]) * 4 + tokens * h * 4
     return MemoryEstimate({"frozen linear weights": shape.linear_params * wb,
-                           "embeddings, head, norms": shape.other_params * (4 if kbit else act_b),
+                           "embeddings, head, norms": shape.other_params * (4 if kbit and kbit_prepared else act_b),
                            "trainable (weights, grads, optimizer)": trainable * (2 * adapter_b + OPTIM_BYTES[optim_kind(optim)]),
                            "activations": acts,
                            "LM head (one fp32 logits tile, fp32 hidden states)": head})
