@@ -15,7 +15,7 @@ from .tasks import CloudError
 
 # %% auto #0
 __all__ = ['SHAPES', 'LM_HEAD_TILE', 'WEIGHT_BYTES', 'OPTIM_BYTES', 'GIB', 'GPU_SPECS', 'ModelShape', 'model_shape',
-           'weight_bytes', 'gpu_dtype', 'lora_params', 'optim_kind', 'MemoryEstimate', 'kbit_layer_bytes',
+           'weight_bytes', 'gpu_dtype', 'targeted', 'lora_params', 'optim_kind', 'MemoryEstimate', 'kbit_layer_bytes',
            'estimate_memory', 'estimate_for', 'estimate_eval', 'stage_estimates', 'sharded_estimate', 'gpu_spec',
            'train_tokens', 'train_hours', 'gpu_options']
 
@@ -85,11 +85,14 @@ def gpu_dtype(precision: str) -> str:
     "The compute dtype `train.precision` means on a GPU (`auto` and `fp32` are estimated as bf16, a GPU's usual)."
     return {"bf16": "bf16", "fp16": "fp16"}.get(precision, "bf16")
 
+def targeted(shape: ModelShape, targets) -> dict:
+    "The linear modules of a layer that LoRA `targets` (`all-linear` or names): name -> (in, out)."
+    mods = shape.linear_shapes()
+    return mods if targets in ("all-linear", None) else {t: mods[t] for t in targets if t in mods}
+
 def lora_params(shape: ModelShape, r: int, targets) -> int:
     "Trainable LoRA parameters: r × (in + out) for each targeted linear module of every layer."
-    mods = shape.linear_shapes()
-    names = list(mods) if targets in ("all-linear", None) else [t for t in targets if t in mods]
-    return shape.layers * sum(r * sum(mods[n]) for n in names)
+    return shape.layers * sum(r * (d_in + d_out) for d_in, d_out in targeted(shape, targets).values())
 
 def optim_kind(optim: str) -> str:
     return "adamw_8bit" if "8bit" in optim else "sgd" if optim.startswith("sgd") else "adamw"
@@ -123,11 +126,8 @@ def kbit_layer_bytes(shape: ModelShape, r: int, targets="all-linear", dropout: f
     in the compute dtype."""
     h, i = shape.hidden, shape.intermediate
     kv = shape.kv_dim if seq is None else h
-    mods = shape.linear_shapes()
-    names = list(mods) if targets in ("all-linear", None) else [t for t in targets if t in mods]
     b = 2 * h * res_b + 8 + (2 * h + 2 * kv) * act_b + 4 * shape.heads + 3 * i * res_b + (seq or 0) * act_b
-    for n in names:
-        d_in = mods[n][0]
+    for n, (d_in, _) in targeted(shape, targets).items():
         b += (d_in * act_b if dropout > 0 or n != "o_proj" else 0) + r * act_b + (d_in if dropout > 0 else 0)
     return b
 
