@@ -4,9 +4,10 @@
 identity questions and short replay questions. This script takes prompts from the OpenOrca and Open-Platypus files
 a project's subsets left out (so no run of that project trained or validated on them), drops those over
 `train.max_length` as training does, draws `--n` of each source with a fixed seed, and generates as `sanity_check` does
-(greedy, `eval.max_new_tokens` unless `--max-new-tokens`, `eval.batch_size`) with the base and with each adapter merged into it.
+(greedy, `eval.max_new_tokens` unless `--max-new-tokens`, `eval.repetition_penalty` unless `--repetition-penalty`,
+`eval.batch_size`) with the base and with each adapter merged into it.
 
-    python bench/stop_set.py PROJECT [ADAPTER_DIR ...] [--n 75] [--max-new-tokens N] [--out FILE]
+    python bench/stop_set.py PROJECT [ADAPTER_DIR ...] [--n 75] [--max-new-tokens N] [--repetition-penalty P] [--out FILE]
 
 PROJECT: a reproduced project (its params.yaml, models/base, data/processed/{orca,platypus}.jsonl); the adapters
 default to PROJECT/models/adapter. Prints each model's stop rate on every prompt, on those whose reference answer
@@ -45,6 +46,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=75, help="prompts per source")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--max-new-tokens", type=int, help="the longest generation (default: the project's eval.max_new_tokens)")
+    ap.add_argument("--repetition-penalty", type=float, help="on the reply's tokens (default: the project's eval.repetition_penalty)")
     a = ap.parse_args(argv)
     from llm_pipeline.config import Paths, load_params
     from llm_pipeline.evaluate import generate, last_user
@@ -55,16 +57,17 @@ def main(argv=None):
     tok = load_tokenizer(cfg, paths)
     rows = held_out_rows(cfg, paths, tok, a.n)
     cap = a.max_new_tokens or cfg.eval.max_new_tokens
+    pen = a.repetition_penalty or cfg.eval.repetition_penalty
     ref = [len(tok(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in rows]
     prompts = [r["messages"][:-1] for r in rows]
     fits = [l <= cap for l in ref]
-    out = {"project": str(proj), "max_new_tokens": cap, "n": len(rows), "n_reference_fits": sum(fits), "models": {}}
+    out = {"project": str(proj), "max_new_tokens": cap, "repetition_penalty": pen, "n": len(rows), "n_reference_fits": sum(fits), "models": {}}
     per = ", ".join(f"{s} {sum(r['source'] == s for r in rows)}" for s in ("orca", "platypus"))
     print(f"{len(rows)} held-out prompts ({per}), {sum(fits)} with a reference answer of at most {cap} tokens")
     rate = lambda xs: round(sum(xs) / len(xs), 4) if xs else float("nan")
     for name in ["base"] + [str(p) for p in (a.adapters or [paths.adapter])]:
         model = merged_model(cfg, paths, tok, None if name == "base" else name)
-        g = generate(model, tok, prompts, cap, cfg.eval.batch_size)
+        g = generate(model, tok, prompts, cap, cfg.eval.batch_size, pen)
         st = [x["stopped"] for x in g]
         res = {"stop": rate(st), "stop_reference_fits": rate([s for s, f in zip(st, fits) if f]),
                **{f"stop_{s}": rate([x for x, r in zip(st, rows) if r["source"] == s]) for s in ("orca", "platypus")}}

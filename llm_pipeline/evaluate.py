@@ -62,9 +62,13 @@ def stop_ids(tok, model) -> list[int]:
 
 
 # %% ../nbs/07_evaluate.ipynb #d2064fbe
-def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 16) -> list[dict]:
-    "Greedy replies to chat `prompts`: text, whether it stopped at end-of-turn, and its length in tokens."
+def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 16,
+             repetition_penalty: float = 1.0) -> list[dict]:
+    """Greedy replies to chat `prompts`: text, whether it stopped at end-of-turn, and its length in tokens. With
+    `repetition_penalty` > 1, each token the reply already holds scores that much less; the prompt does not count
+    (it holds the template's end-of-turn token, and so do left pads where pad is end-of-turn)."""
     import torch
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
     eos, kind = stop_ids(tok, model), template_system(tok)
     prompts = [chat_messages(p, tok, kind) for p in prompts]  # formatted as in training
     side, tok.padding_side = tok.padding_side, "left"
@@ -73,10 +77,13 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, ba
         for i in range(0, len(prompts), batch_size):
             enc = tok.apply_chat_template(prompts[i:i + batch_size], add_generation_prompt=True, padding=True,
                                           return_tensors="pt", return_dict=True).to(model.device)
+            n = enc["input_ids"].shape[1]
+            extra = ({} if repetition_penalty == 1.0 else {"logits_processor": LogitsProcessorList(
+                [RepetitionPenaltyLogitsProcessor(float(repetition_penalty), prompt_ignore_length=n)])})
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                     pad_token_id=tok.pad_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                                     pad_token_id=tok.pad_token_id, **extra)
+            for row in gen[:, n:].tolist():
                 stop = next((j for j, t in enumerate(row) if t in eos), None)
                 new = row if stop is None else row[:stop]
                 out.append({"text": tok.decode(new, skip_special_tokens=True).strip(), "stopped": stop is not None,
@@ -130,10 +137,10 @@ def evaluate_model(model, tok, cfg: Config, val_rows: list[dict], facts: list[di
     ident, generic = eval_prompts(val_rows, cfg.eval.max_generic_prompts)
     e, ic = cfg.eval, cfg.data.identity
     asked = [[{"role": "user", "content": p}] for p in e.prompts]
-    g = generate(model, tok, ident + generic + asked, e.max_new_tokens, e.batch_size)  # one call: fewer, fuller batches
+    g = generate(model, tok, ident + generic + asked, e.max_new_tokens, e.batch_size, e.repetition_penalty)  # one call: fewer, fuller batches
     gi, gg, gp = g[:len(ident)], g[len(ident):len(ident) + len(generic)], g[len(ident) + len(generic):]
     asked_f = [[{"role": "user", "content": f["question"]}] for f in facts]
-    gf = generate(model, tok, asked_f, e.retention_max_new_tokens, e.batch_size)
+    gf = generate(model, tok, asked_f, e.retention_max_new_tokens, e.batch_size, e.repetition_penalty)
     rate = lambda xs: round(sum(xs) / len(xs), 4) if xs else float("nan")
     known = [identity_correct(g["text"], k, ic.name, ic.creator) for g, k in zip(gi, identity_kinds(val_rows))]
     stopped = [g["stopped"] for g in gi + gg]
@@ -217,7 +224,8 @@ def sanity_check(cfg: Config, paths: Paths) -> dict:
                               for f, b, g, bc, fc in zip(facts, base_g["facts"], ft_g["facts"], base_g["facts_correct"], ft_g["facts_correct"])))
     lost = [("forgotten fact", [{"role": "user", "content": f["question"]}], g)
             for f, g, b, c in zip(facts, ft_g["facts"], base_g["facts_correct"], ft_g["facts_correct"]) if b and not c]
-    out.write_text(f"# Generations: base vs fine-tuned (greedy, max {cfg.eval.max_new_tokens} new tokens)\n\n"
+    pen = f", repetition penalty {cfg.eval.repetition_penalty} on the reply's tokens" if cfg.eval.repetition_penalty != 1.0 else ""
+    out.write_text(f"# Generations: base vs fine-tuned (greedy{pen}, max {cfg.eval.max_new_tokens} new tokens)\n\n"
                    + generations_table(cfg, base_g, ft_g) + misses_table(cfg, ft_g["misses"] + lost) + facts_md)
     return {**metrics, "wall_s": round(time.time() - t0, 1)}
 
