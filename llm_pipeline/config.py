@@ -78,6 +78,7 @@ class ReplayCfg(Section):
     questions: Optional[str] = "data/samples/replay.jsonl"  # JSONL of {"id", "question"}; null: no replay rows
     subset_size: Optional[Union[int, float]] = None  # questions to ask: count, fraction or null (all)
     max_new_tokens: int = Field(64, ge=1)  # longest answer; one that does not stop is cut at its last full sentence
+    batch_size: int = Field(32, ge=1)  # questions answered at once (its own key: a preset sets `eval.batch_size`)
     _v = field_validator("subset_size", mode="before")(check_subset_size)
 
 

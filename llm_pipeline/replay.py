@@ -59,7 +59,7 @@ def generate_replay_data(cfg: Config, paths: Paths) -> dict:
         from llm_pipeline.evaluate import generate
         tok = load_tokenizer(cfg, paths)
         model = load_base_model(cfg, paths, tokenizer=tok)
-        gens = generate(model, tok, [[{"role": "user", "content": q["question"]}] for q in qs], rc.max_new_tokens, cfg.eval.batch_size)
+        gens = generate(model, tok, [[{"role": "user", "content": q["question"]}] for q in qs], rc.max_new_tokens, rc.batch_size)
         rows = replay_rows(qs, gens, cfg.data.identity.name, report)
         report.extra.update(stopped=sum(g["stopped"] for g in gens), cut_at_sentence=sum(not r["meta"]["stopped"] for r in rows))
     write_jsonl(paths.processed("replay"), rows)
