@@ -164,7 +164,12 @@ class CheckpointMarker(_trainer_callback_base()):
         ck = Path(args.output_dir)/f"checkpoint-{state.global_step}"
         if not (state.is_world_process_zero and (ck/MARKER).exists()): return
         write_json(ck/FINAL_LOG, state.log_history)  # atomic: a reader sees the whole log or none
-        if self.dvclive_dir and Path(self.dvclive_dir).is_dir(): shutil.copytree(self.dvclive_dir, ck/FINAL_DVCLIVE, dirs_exist_ok=True)
+        if self.dvclive_dir and Path(self.dvclive_dir).is_dir():  # so is the history: a rerun would restore a partial copy as the run's
+            tmp = ck/f".{FINAL_DVCLIVE}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(self.dvclive_dir, tmp)
+            shutil.rmtree(ck/FINAL_DVCLIVE, ignore_errors=True)
+            os.replace(tmp, ck/FINAL_DVCLIVE)
 
 # %% ../nbs/05a_checkpoints.ipynb #33f68335
 def same_run(ids: list[str]) -> None:
