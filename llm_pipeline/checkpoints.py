@@ -10,7 +10,7 @@ import hashlib, json, os, shutil, time
 from pathlib import Path
 
 from .config import Config, Paths
-from .data import write_json
+from .data import atomic_dir, write_json
 from .distributed import world_size
 from .model import ModelError, file_sha256, run_dtype
 
@@ -165,11 +165,7 @@ class CheckpointMarker(_trainer_callback_base()):
         if not (state.is_world_process_zero and (ck/MARKER).exists()): return
         write_json(ck/FINAL_LOG, state.log_history)  # atomic: a reader sees the whole log or none
         if self.dvclive_dir and Path(self.dvclive_dir).is_dir():  # so is the history: a rerun would restore a partial copy as the run's
-            tmp = ck/f".{FINAL_DVCLIVE}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(self.dvclive_dir, tmp)
-            shutil.rmtree(ck/FINAL_DVCLIVE, ignore_errors=True)
-            os.replace(tmp, ck/FINAL_DVCLIVE)
+            with atomic_dir(ck/FINAL_DVCLIVE) as tmp: shutil.copytree(self.dvclive_dir, tmp)
 
 # %% ../nbs/05a_checkpoints.ipynb #33f68335
 def same_run(ids: list[str]) -> None:

@@ -6,12 +6,12 @@ Docs: https://llm-pipeline.github.io/llm-pipeline/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #f49b3cc0
 from __future__ import annotations
-import codecs, hashlib, json, multiprocessing, os, re, sys
+import codecs, hashlib, json, multiprocessing, os, re, shutil, sys
 from array import array
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from functools import partial
 from itertools import repeat
 from dataclasses import dataclass, field
@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from .config import Config, Paths, SourceCfg
 
 # %% auto #0
-__all__ = ['LOCAL_SUFFIXES', 'ORCA', 'PLATYPUS', 'DataError', 'Report', 'write_json', 'write_jsonl', 'read_jsonl', 'RowSource',
-           'Drop', 'JsonlSource', 'decode_json_line', 'JsonArraySource', 'ParquetSource', 'HubSource', 'StreamSource',
-           'open_source', 'Schema', 'text_problem', 'row_problem', 'norm_text', 'prompt_key', 'short_hash',
-           'conversation_key', 'chat_row', 'subset_count', 'seeded_subset', 'convert_row', 'select_rows',
+__all__ = ['LOCAL_SUFFIXES', 'ORCA', 'PLATYPUS', 'DataError', 'Report', 'write_json', 'atomic_dir', 'write_jsonl', 'read_jsonl',
+           'RowSource', 'Drop', 'JsonlSource', 'decode_json_line', 'JsonArraySource', 'ParquetSource', 'HubSource',
+           'StreamSource', 'open_source', 'Schema', 'text_problem', 'row_problem', 'norm_text', 'prompt_key',
+           'short_hash', 'conversation_key', 'chat_row', 'subset_count', 'seeded_subset', 'convert_row', 'select_rows',
            'process_source', 'process_orca_data', 'process_platypus_data', 'malformed_orca_fixture']
 
 # %% ../nbs/01_data.ipynb #aaedf03b
@@ -70,6 +70,15 @@ def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+
+@contextmanager
+def atomic_dir(path: Path):
+    "A folder written whole or not at all: the block fills the temporary sibling it is given, which then replaces `path`."
+    path = Path(path); tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 # %% ../nbs/01_data.ipynb #d2453b0b

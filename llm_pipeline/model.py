@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ModelCfg, Paths, TinyCfg
-from .data import write_json
+from .data import atomic_dir, write_json
 
 # %% auto #0
 __all__ = ['PAD', 'BOS', 'EOT', 'ROLE_TOKENS', 'CHAT_TEMPLATE', 'TINY_CORPUS', 'BASE_FILE', 'EMBEDDED', 'NEUTRAL_SYSTEM',
@@ -185,10 +185,7 @@ def convert_gguf(path: Path, out: Path) -> Path:
     # a GGUF-loaded model says it is quantized (it was, in the file) and refuses to save: its weights are plain tensors now
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"): del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=Path(out).parent))
-    model.save_pretrained(tmp); tok.save_pretrained(tmp)
-    if Path(out).exists(): shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp: model.save_pretrained(tmp); tok.save_pretrained(tmp)
     return Path(out)
 
 

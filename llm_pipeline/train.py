@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import Config, Paths
 from .distributed import grad_accumulation, world_size
-from .data import read_jsonl, write_json
+from .data import atomic_dir, read_jsonl, write_json
 from .checkpoints import (FINAL_ADAPTER, FINAL_DVCLIVE, FINAL_LOG, CheckpointMarker, RunLease, finished,
                                       plan_resume, run_fingerprint, same_run)
 from .model import (BASE_FILE, ModelError, chat_messages, is_fsdp, load_base_model, run_dtype,
@@ -354,11 +354,8 @@ def train(cfg: Config, paths: Paths) -> dict:
             # rerun of the finished run (a recovery after a preemption in a later stage) finds it
             state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
             if main:
-                tmp = final.with_name(f".{FINAL_ADAPTER}.tmp")
-                if tmp.exists(): shutil.rmtree(tmp)
-                trainer.accelerator.unwrap_model(trainer.model_wrapped).save_pretrained(tmp, state_dict=state)
-                if final.exists(): shutil.rmtree(final)
-                os.replace(tmp, final)
+                with atomic_dir(final) as tmp:
+                    trainer.accelerator.unwrap_model(trainer.model_wrapped).save_pretrained(tmp, state_dict=state)
             trainer.accelerator.wait_for_everyone()
         if not main: return report
         if out.exists(): shutil.rmtree(out)
