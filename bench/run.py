@@ -266,6 +266,7 @@ TRAIN_VARIANTS = {"full-head": ("ours, every position to the LM head", "ours-ful
                   "fp32": ("ours in fp32", "ours", {"train": {"precision": "fp32"}}),  # before bf16 on a native-bf16 CPU (real base)
                   "dropout0": ("ours, LoRA dropout 0", "ours", {"lora": {"dropout": 0.0}}),  # the lever that shortens Trainer.train() most, with its held-out figures
                   "maskdrop": ("ours, LoRA dropout masks 4 a draw", "ours-maskdrop", {}),  # the same dropout, drawn cheaper: another draw of the recipe
+                  "gapdrop": ("ours, LoRA dropout masks by gaps", "ours-gapdrop", {}),  # the same, cheaper still (train_side.gap_dropout)
                   "unlikelihood": ("ours + unlikelihood 1.0", "ours", {"train": {"unlikelihood": 1.0}})}  # against greedy loops (quality: bench/README)
 TRAIN_BASES = ("tiny", "smollm2-135m")  # --train-base: the random toy, or the embedded real model (held-out metrics too)
 
@@ -528,7 +529,8 @@ LEVERS = {"bf16 on a CPU with native bf16": ("ours", {"train": {"precision": "fp
 TRIALS = {"dataloader workers 2": ("ours-sft:dataloader_num_workers=2", {}),                     # not in ours: measured with it
           "torch.compile": ("ours-sft:torch_compile=true", {}),
           "LoRA dropout 0": ("ours", {"lora": {"dropout": 0.0}}),  # no Bernoulli mask per adapter input (quality: bench/README)
-          "LoRA dropout masks 4 a draw": ("ours-maskdrop", {})}    # train_side.mask_dropout (quality: bench/README)
+          "LoRA dropout masks 4 a draw": ("ours-maskdrop", {}),    # train_side.mask_dropout (quality: bench/README)
+          "LoRA dropout masks by gaps": ("ours-gapdrop", {})}      # train_side.gap_dropout (quality: bench/README)
 
 
 def bench_levers(reps: int, steps: int, tmp: Path, names: list[str] | None = None) -> tuple[list[dict], dict]:

@@ -4,6 +4,7 @@
     python bench/train_side.py ours-full-head RUN_DIR OUT.json   # the same without `compact_lm_head` (the "before" of that change)
     python bench/train_side.py ours-liger RUN_DIR OUT.json  # ours with Liger kernels (a GPU lever: bench/gpu.py)
     python bench/train_side.py ours-maskdrop RUN_DIR OUT.json   # ours with LoRA dropout masks drawn 4 a draw (`mask_dropout`)
+    python bench/train_side.py ours-gapdrop RUN_DIR OUT.json    # ours with LoRA dropout masks drawn as gaps (`gap_dropout`)
     python bench/train_side.py ours-sft:KEY=JSON,... RUN_DIR OUT.json   # ours with SFTConfig settings (run.py --only levers)
     python bench/train_side.py reference RUN_DIR OUT.json   # bench/reference_train.py: the 2023 trainer configuration
     python bench/train_side.py val-loss RUN_DIR OUT.json    # the adapter in RUN_DIR/models/adapter, measured on data/final/val.jsonl
@@ -66,10 +67,10 @@ def instrument(stats: dict) -> None:
 
 
 def assistant_losses(model, tok, rows: list[dict], max_length: int, batch_size: int = 16) -> dict:
-    "Summed loss and count over the assistant tokens of `rows`, split into end-of-turn (EOS) tokens and the rest."
+    "Summed loss and count over the assistant tokens of `rows` (every reply, as `val_loss`), split into end-of-turn (EOS) tokens and the rest."
     import torch
-    from llm_pipeline.evaluate import assistant_labels
-    eos = tok.eos_token_id
+    from llm_pipeline.evaluate import assistant_labels, reply_rows
+    eos, rows = tok.eos_token_id, reply_rows(rows)
     acc = {"eos_sum": 0.0, "eos_n": 0, "other_sum": 0.0, "other_n": 0}
     for i in range(0, len(rows), batch_size):
         pairs = [assistant_labels(tok, r["messages"], max_length) for r in rows[i:i + batch_size]]
@@ -96,17 +97,20 @@ def merged_model(cfg, paths, tok, adapter: Path | None):
 
 def val_loss_of(run_dir: Path) -> dict:
     """The adapter in RUN_DIR merged into the base, measured as `sanity_check` measures a model: `llm_pipeline.evaluate.val_loss` (token-weighted
-    mean cross-entropy over the assistant tokens, end-of-turn included) on every row of data/final/val.jsonl, with the
-    base's own tokenizer (distinct pad), at `train.max_length`; plus that loss split into end-of-turn tokens and the rest."""
+    mean cross-entropy over every assistant reply's tokens, end-of-turn included) on the rows of data/final/val.jsonl that
+    `sanity_check` scores (a row over `train.max_length` dropped or truncated as `train.overlong` says, as in training), with
+    the base's own tokenizer (distinct pad); plus that loss split into end-of-turn tokens and the rest."""
     from llm_pipeline.config import Paths, load_params
     from llm_pipeline.data import read_jsonl
     from llm_pipeline.evaluate import val_loss
     from llm_pipeline.model import load_tokenizer
+    from llm_pipeline.train import fit_length, token_lengths
     cfg, paths = load_params(run_dir/"params.yaml"), Paths(run_dir)
     tok = load_tokenizer(cfg, paths)
     # merged, as sanity_check measures models/merged (same losses as the unmerged PeftModel to ~1e-7, and 1.6x faster here)
     model = merged_model(cfg, paths, tok, paths.adapter)
     rows = read_jsonl(paths.final("val"))
+    rows, _ = fit_length(rows, token_lengths(rows, tok), cfg.train.max_length, cfg.train.overlong)
     acc = assistant_losses(model, tok, rows, cfg.train.max_length)
     return {"val_loss": val_loss(model, tok, rows, cfg.train.max_length), "val_rows": len(rows),
             "val_loss_eos": acc["eos_sum"] / max(acc["eos_n"], 1), "val_loss_excl_eos": acc["other_sum"] / max(acc["other_n"], 1),
@@ -150,6 +154,29 @@ def mask_dropout(x, p: float, training: bool = True):
     return x * torch.where(bits >= round(p * 65536) - 32768, 1 / (1 - p), 0.).to(x.dtype)
 
 
+def gap_dropout(x, p: float, training: bool = True):
+    """`F.dropout(x, p, training)`, with the mask drawn as the gaps between dropped elements on a CPU: a lever tried, not
+    adopted (bench/README).
+
+    The gap from one dropped element to the next is geometric, one uniform draw each (floor(log(1 - u) / log(1 - p)) + 1),
+    so a mask of n elements takes about p * n draws instead of `bernoulli_`'s n (at p = 0.05, a twentieth). The masks
+    are the same kind, every element dropped with probability p on its own and the rest scaled 1 / (1 - p) in x's
+    dtype, but not the same draws: a run with it is another draw of the recipe than the same seed without it."""
+    import math, torch
+    if not training or p == 0: return x
+    if x.device.type != "cpu" or p == 1: return torch.nn.functional.dropout(x, p, True)
+    n = x.numel()
+    k = int(n * p + 8 * math.sqrt(n * p)) + 64  # gaps a draw: enough to pass the end all but about once in 10^15
+    pos, end = [], -1
+    while end < n - 1:
+        gaps = torch.rand(k, dtype=torch.float64).neg_().log1p_().div_(math.log1p(-p)).floor_().long().add_(1)
+        pos.append(torch.cumsum(gaps, 0).add_(end)); end = int(pos[-1][-1])
+    pos = torch.cat(pos)
+    mask = torch.full((n,), 1 / (1 - p), dtype=x.dtype)
+    mask[pos[pos < n]] = 0
+    return x * mask.view(x.shape)
+
+
 def _with(args, **kw):
     "A copy of TRL's `SFTConfig` `args` with `kw` set (it is a dataclass)."
     import dataclasses
@@ -167,10 +194,11 @@ def main(argv: list[str]) -> None:
     stats: dict = {}
     instrument(stats)
     if side == "ours-liger": side = "ours-sft:use_liger_kernel=true"  # Liger's Triton kernels: a lever on a GPU
-    if side == "ours-maskdrop":  # every nn.Dropout of the process: a Llama-architecture base (SmolLM2, tiny) has none of its
-        # own (its attention dropout is functional), so these are LoRA's
+    if side in ("ours-maskdrop", "ours-gapdrop"):  # every nn.Dropout of the process: a Llama-architecture base (SmolLM2,
+        # tiny) has none of its own (its attention dropout is functional), so these are LoRA's
         import torch
-        torch.nn.Dropout.forward = lambda self, x: mask_dropout(x, self.p, self.training)
+        draw = mask_dropout if side == "ours-maskdrop" else gap_dropout
+        torch.nn.Dropout.forward = lambda self, x: draw(x, self.p, self.training)
         side = "ours"
     if side in ("ours", "ours-full-head") or side.startswith("ours-sft:"):
         from llm_pipeline.cli import main as cli
@@ -189,7 +217,7 @@ def main(argv: list[str]) -> None:
         sys.path.insert(0, str(BENCH))
         import reference_train
         stats.update(reference_train.main(run_dir))
-    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | ours-liger | ours-maskdrop | ours-sft:KEY=JSON,... | reference | val-loss | eval-base | held-out")
+    else: sys.exit(f"unknown side {side!r}: ours | ours-full-head | ours-liger | ours-maskdrop | ours-gapdrop | ours-sft:KEY=JSON,... | reference | val-loss | eval-base | held-out")
     import torch
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -13,7 +13,7 @@ from .data import read_jsonl, write_json
 from .model import chat_messages, load_base_model, run_dtype, template_system
 
 # %% auto #0
-__all__ = ['eval_prompts', 'identity_kinds', 'mentions', 'names_model', 'identity_correct', 'stop_ids', 'generate',
+__all__ = ['eval_prompts', 'identity_kinds', 'mentions', 'names_model', 'identity_correct', 'stop_ids', 'generate', 'reply_rows',
            'assistant_labels', 'val_loss', 'fact_correct', 'evaluate_model', 'retention', 'last_user',
            'generations_table', 'misses_table', 'sanity_check', 'base_device']
 
@@ -93,6 +93,10 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, ba
 
 
 # %% ../nbs/07_evaluate.ipynb #797a60de
+def reply_rows(rows: list[dict]) -> list[dict]:
+    "One row per assistant reply: the conversation up to and including it, as training scores each reply of a conversation."
+    return [{"messages": r["messages"][:j + 1]} for r in rows for j, m in enumerate(r["messages"]) if m["role"] == "assistant"]
+
 def assistant_labels(tok, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
     "Input ids and labels (-100 outside the final assistant reply, end-of-turn included), as training sees them."
     messages = chat_messages(messages, tok)
@@ -104,9 +108,9 @@ def assistant_labels(tok, messages: list[dict], max_length: int) -> tuple[list[i
 
 # %% ../nbs/07_evaluate.ipynb #7b846562
 def val_loss(model, tok, rows: list[dict], max_length: int = 512, batch_size: int = 16, chunk: int = 1024) -> float:
-    "Token-weighted mean cross-entropy over the assistant tokens of `rows`; the LM head projects only labelled positions, `chunk` at a time."
+    "Token-weighted mean cross-entropy over the assistant tokens of `rows`, every reply; the LM head projects only labelled positions, `chunk` at a time."
     import torch
-    total, n = 0.0, 0
+    total, n, rows = 0.0, 0, reply_rows(rows)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its LoRA layers are in place
     body, head = getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
     for i in range(0, len(rows), batch_size):
