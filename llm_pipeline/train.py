@@ -20,7 +20,8 @@ from .model import (BASE_FILE, ModelError, chat_messages, is_fsdp, load_base_mod
 # %% auto #0
 __all__ = ['global_step_dvclive_callback', 'use_dvclive', 'assistant_only', 'training_rows', 'sft_config', 'lora_config',
            'compact_lm_head', 'unlikelihood_loss', 'add_unlikelihood', 'token_lengths', 'fit_length', 'packed_problems',
-           'mask_preview', 'check_mask', 'plot_losses', 'run_train_loss', 'train']
+           'mask_preview', 'check_mask', 'plot_losses', 'run_train_loss', 'resume_point', 'fitted_rows', 'sft_trainer',
+           'reuse_finished', 'write_adapter', 'train']
 
 # %% ../nbs/05_train.ipynb #73b8ec7b
 def global_step_dvclive_callback(live_dir: Path, resume_from: Path | None):
@@ -257,13 +258,103 @@ def run_train_loss(log_history: list[dict]) -> float | None:
     return total / steps if steps else None
 
 
-# %% ../nbs/05_train.ipynb #91885b65
-def train(cfg: Config, paths: Paths) -> dict:
-    "Fine-tune the base on `data/final`, resuming this run's last complete checkpoint; write `models/adapter/`."
-    import torch
+# %% ../nbs/05_train.ipynb #99f05766
+def resume_point(args, fp: dict, decide):
+    """The checkpoint every rank resumes (None: from the start). `decide` (take the run's lease, plan the resume) runs on
+    rank 0 only; under torchrun / accelerate the ranks first check that they hashed the same run, then all follow rank 0's
+    decision, or all stop with its reason: none waits for another."""
+    if args.world_size == 1: return decide()
+    import torch.distributed as dist  # the process group exists now
+    ids = [None] * args.world_size
+    dist.all_gather_object(ids, fp["id"])  # each node hashed its own copy of the data and base: they must agree
+    same_run(ids)  # (every rank sees the same list, so all of them stop here)
+    try: decision = [decide() if args.process_index == 0 else None]
+    except ModelError as e: decision = [e]  # every rank stops with rank 0's reason
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], Exception): raise decision[0]
+    return decision[0]
+
+def fitted_rows(cfg: Config, paths: Paths, tok, main: bool) -> tuple[list[dict], list[dict], dict]:
+    "`data/final`'s train and val rows fitted to `train.max_length` (`train.overlong`), and the training rows' length report."
+    t = cfg.train
+    train_rows, val_rows = read_jsonl(paths.final("train")), read_jsonl(paths.final("val"))
+    train_rows, lengths = fit_length(train_rows, token_lengths(train_rows, tok), t.max_length, t.overlong)
+    val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), t.max_length, t.overlong)
+    if lengths["overlong_rows"] and main:
+        print(f"train: {lengths['overlong_rows']} of {lengths['rows']} training rows exceed train.max_length="
+              f"{t.max_length} tokens: {'dropped' if t.overlong == 'drop' else 'truncated'} (train.overlong)", file=sys.stderr)
+    return train_rows, val_rows, lengths
+
+def sft_trainer(cfg: Config, paths: Paths, tok, args, train_rows: list[dict], val_rows: list[dict], main: bool):
+    """TRL's `SFTTrainer` on the base with the run's LoRA: k-bit preparation when quantized, the compact LM head,
+    unlikelihood when asked, the loss mask checked (rank 0 writes its preview), QLoRA adapters in fp32 on a CPU."""
     from datasets import Dataset
     from peft import prepare_model_for_kbit_training
     from trl import SFTTrainer
+    model = load_base_model(cfg, paths, tokenizer=tok)
+    if cfg.model.quantization != "none" and not is_fsdp():  # under FSDP it would mix dtypes in a shard: TRL skips it there too
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    compact_lm_head()
+    trainer = SFTTrainer(model=model, args=args,
+                         train_dataset=Dataset.from_list(training_rows(train_rows, tok)),
+                         eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
+                         processing_class=tok, peft_config=lora_config(cfg))
+    if cfg.train.unlikelihood: add_unlikelihood(trainer, cfg.train.unlikelihood)
+    check_mask(trainer, tok, paths.root/"reports"/"train"/"mask_preview.md" if main else None)
+    if cfg.model.quantization != "none" and args.device.type == "cpu":
+        # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); on a CPU keep them fp32: 2.6x faster where compute is fp32
+        for p in trainer.model.parameters():
+            if p.requires_grad: p.data = p.data.float()
+    return trainer
+
+def reuse_finished(trainer, cfg: Config, resume: Path, live_dir: Path, main: bool) -> float | None:
+    """A finished run, rerun: its last checkpoint's state, logs, dvclive history and weights (Trainer.train would take one step
+    past max_steps). Returns the run's train loss."""
+    from transformers import TrainerState
+    trainer.state = TrainerState.load_from_json(str(resume/"trainer_state.json"))
+    try: trainer.state.log_history = json.loads((resume/FINAL_LOG).read_text())
+    except (OSError, ValueError): pass  # none (or cut short by a full disk): the checkpoint's own log stands
+    if main and (resume/FINAL_DVCLIVE).is_dir(): shutil.copytree(resume/FINAL_DVCLIVE, live_dir, dirs_exist_ok=True)
+    if not is_fsdp():  # its weights (a sharded checkpoint cannot be reloaded without training: FSDP reuses its final adapter)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        set_peft_model_state_dict(trainer.model, load_file(str(resume/"adapter_model.safetensors")))
+        # evaluation turned on since the run ended (it is not in the fingerprint), or a run from before the final log
+        # was kept: evaluate now. Every rank decides from the same files, so under DDP all of them take part (evaluate
+        # is collective)
+        if cfg.train.eval_strategy != "no" and not any("eval_loss" in h and h.get("step") == trainer.state.global_step
+                                                       for h in trainer.state.log_history): trainer.evaluate()
+    if main: print(f"train: {resume.name} is the end of this run: nothing left to train", file=sys.stderr)
+    return next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h),
+                None) or run_train_loss(trainer.state.log_history)
+
+def write_adapter(trainer, tok, paths: Paths, final: Path, trained: bool, report: dict, main: bool) -> None:
+    """Rank 0 writes `models/adapter/` (under FSDP the adapter gathered from the shards, which every rank takes part in
+    after training), its run record, the loss curve and the report."""
+    if is_fsdp() and trained:
+        # gathering the shards is collective; rank 0 keeps the adapter in the run directory, where a rerun of the finished
+        # run (a recovery after a preemption in a later stage) finds it
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if main:
+            with atomic_dir(final) as tmp:
+                trainer.accelerator.unwrap_model(trainer.model_wrapped).save_pretrained(tmp, state_dict=state)
+        trainer.accelerator.wait_for_everyone()
+    if not main: return
+    out = paths.adapter
+    if out.exists(): shutil.rmtree(out)
+    if is_fsdp(): shutil.copytree(final, out)
+    else: trainer.model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"train: adapter written to {out.relative_to(paths.root)} by rank 0 of {trainer.args.world_size}", file=sys.stderr)
+    write_json(out/"llm_pipeline_train.json", {**report, "base": json.loads((paths.root/"models"/"base"/BASE_FILE).read_text())})
+    plot_losses(trainer.state.log_history, paths.root/"reports"/"train"/"loss.png")
+    write_json(paths.root/"reports"/"train"/"train.json", report)
+
+
+# %% ../nbs/05_train.ipynb #a22a679e
+def train(cfg: Config, paths: Paths) -> dict:
+    "Fine-tune the base on `data/final`, resuming this run's last complete checkpoint; write `models/adapter/`."
+    import torch
     t0 = time.time()
     fp = run_fingerprint(cfg, paths)
     root = paths.resolve(cfg.train.checkpoint_dir)
@@ -279,62 +370,14 @@ def train(cfg: Config, paths: Paths) -> dict:
         lease.acquire()
         return plan_resume(root, fp, other_versions_ok=cfg.train.resume_other_versions, needs_final_adapter=is_fsdp())
     try:
-        if args.world_size > 1:  # the process group exists now; every rank resumes what rank 0 decided
-            import torch.distributed as dist
-            ids = [None] * args.world_size
-            dist.all_gather_object(ids, fp["id"])  # each node hashed its own copy of the data and base: they must agree
-            same_run(ids)  # (every rank sees the same list, so all of them stop here: no rank waits for another)
-            try: decision = [decide() if main else None]
-            except ModelError as e: decision = [e]  # every rank stops with rank 0's reason, none waits for it
-            dist.broadcast_object_list(decision, src=0)
-            if isinstance(decision[0], Exception): raise decision[0]
-            resume = decision[0]
-        else: resume = decide()
-        train_rows, val_rows = read_jsonl(paths.final("train")), read_jsonl(paths.final("val"))
-        train_rows, lengths = fit_length(train_rows, token_lengths(train_rows, tok), cfg.train.max_length, cfg.train.overlong)
-        val_rows, _ = fit_length(val_rows, token_lengths(val_rows, tok), cfg.train.max_length, cfg.train.overlong)
-        if lengths["overlong_rows"] and main:
-            print(f"train: {lengths['overlong_rows']} of {lengths['rows']} training rows exceed train.max_length="
-                  f"{cfg.train.max_length} tokens: {'dropped' if cfg.train.overlong == 'drop' else 'truncated'} "
-                  "(train.overlong)", file=sys.stderr)
-        model = load_base_model(cfg, paths, tokenizer=tok)
-        if cfg.model.quantization != "none" and not is_fsdp():  # under FSDP it would mix dtypes in a shard: TRL skips it there too
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        resume = resume_point(args, fp, decide)
+        train_rows, val_rows, lengths = fitted_rows(cfg, paths, tok, main)
+        trainer = sft_trainer(cfg, paths, tok, args, train_rows, val_rows, main)
         live_dir = paths.root/"dvclive"
-        compact_lm_head()
-        trainer = SFTTrainer(model=model, args=args,
-                             train_dataset=Dataset.from_list(training_rows(train_rows, tok)),
-                             eval_dataset=Dataset.from_list(training_rows(val_rows, tok)) if cfg.train.eval_strategy != "no" else None,
-                             processing_class=tok, peft_config=lora_config(cfg))
-        if cfg.train.unlikelihood: add_unlikelihood(trainer, cfg.train.unlikelihood)
-        check_mask(trainer, tok, paths.root/"reports"/"train"/"mask_preview.md" if main else None)
-        if cfg.model.quantization != "none" and args.device.type == "cpu":
-            # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); on a CPU keep them fp32: 2.6x faster where compute is fp32
-            for p in trainer.model.parameters():
-                if p.requires_grad: p.data = p.data.float()
         use_dvclive(trainer, global_step_dvclive_callback(live_dir, resume) if main else None)
         trainer.add_callback(CheckpointMarker(fp, live_dir))
-        final = root/f"run-{fp['id']}"/FINAL_ADAPTER  # under FSDP: the adapter gathered from the shards at the end of the run
         ended = resume is not None and finished(resume)  # a finished run, rerun
-        if ended:
-            # a finished run's last checkpoint: Trainer.train would take one step past max_steps; its state and logs are reused
-            from transformers import TrainerState
-            trainer.state = TrainerState.load_from_json(str(resume/"trainer_state.json"))
-            try: trainer.state.log_history = json.loads((resume/FINAL_LOG).read_text())
-            except (OSError, ValueError): pass  # none (or cut short by a full disk): the checkpoint's own log stands
-            if main and (resume/FINAL_DVCLIVE).is_dir(): shutil.copytree(resume/FINAL_DVCLIVE, live_dir, dirs_exist_ok=True)
-            if not is_fsdp():  # its weights (a sharded checkpoint cannot be reloaded without training: FSDP reuses `final`)
-                from peft import set_peft_model_state_dict
-                from safetensors.torch import load_file
-                set_peft_model_state_dict(trainer.model, load_file(str(resume/"adapter_model.safetensors")))
-                # evaluation turned on since the run ended (it is not in the fingerprint), or a run from before the final log
-                # was kept: evaluate now. Every rank decides from the same files, so under DDP all of them take part (evaluate
-                # is collective)
-                if cfg.train.eval_strategy != "no" and not any("eval_loss" in h and h.get("step") == trainer.state.global_step
-                                                               for h in trainer.state.log_history): trainer.evaluate()
-            train_loss = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h),
-                              None) or run_train_loss(trainer.state.log_history)
-            if main: print(f"train: {resume.name} is the end of this run: nothing left to train", file=sys.stderr)
+        if ended: train_loss = reuse_finished(trainer, cfg, resume, live_dir, main)
         else:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             # the Trainer's training_loss covers only this process's steps: on a resume, take the whole run's from the logs
@@ -348,24 +391,8 @@ def train(cfg: Config, paths: Paths) -> dict:
                   "quantization": cfg.model.quantization, "lengths": lengths, "processes": args.world_size,
                   "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
                   "wall_s": round(time.time() - t0, 1)}
-        out = paths.adapter
-        if is_fsdp() and not ended:
-            # gathering the shards is collective: every rank takes part; rank 0 keeps the adapter in the run directory, where a
-            # rerun of the finished run (a recovery after a preemption in a later stage) finds it
-            state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-            if main:
-                with atomic_dir(final) as tmp:
-                    trainer.accelerator.unwrap_model(trainer.model_wrapped).save_pretrained(tmp, state_dict=state)
-            trainer.accelerator.wait_for_everyone()
-        if not main: return report
-        if out.exists(): shutil.rmtree(out)
-        if is_fsdp(): shutil.copytree(final, out)
-        else: trainer.model.save_pretrained(out)
-        tok.save_pretrained(out)
-        print(f"train: adapter written to {out.relative_to(paths.root)} by rank 0 of {args.world_size}", file=sys.stderr)
-        write_json(out/"llm_pipeline_train.json", {**report, "base": json.loads((paths.root/"models"/"base"/BASE_FILE).read_text())})
-        plot_losses(trainer.state.log_history, paths.root/"reports"/"train"/"loss.png")
-        write_json(paths.root/"reports"/"train"/"train.json", report)
+        # under FSDP: the adapter gathered from the shards at the end of the run
+        write_adapter(trainer, tok, paths, root/f"run-{fp['id']}"/FINAL_ADAPTER, not ended, report, main)
         return report
     finally:
         if lease: lease.release()
